@@ -1,0 +1,136 @@
+//! What the outside asks of a node and what it answers: plain values, no HTTP.
+//!
+//! `web` turns HTTP requests into [`Request`]s and [`Reply`]s into JSON; the simulator builds
+//! them directly. Inputs here are already shaped (ids parsed, numbers in range); the core
+//! still checks everything that depends on state (heads, ownership, cursors).
+
+use std::collections::BTreeMap;
+
+use store::{Event, EventId, StreamName, Version};
+
+/// A request's handle, chosen by the driver; the reply carries it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+/// Longest chat message, in Unicode scalar values.
+pub const TEXT_CHARS_MAX: usize = 2000;
+/// Most events in one page or one sync answer.
+pub const PAGE_LEN_MAX: usize = 100;
+/// Events in the feed page that a fresh `sync` returns.
+pub const SYNC_FEED_PAGE_LEN: usize = 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeedKind {
+    Flirt,
+    Visit,
+}
+
+impl FeedKind {
+    pub fn event_type(self) -> &'static str {
+        match self {
+            FeedKind::Flirt => "feed.flirt",
+            FeedKind::Visit => "feed.visit",
+        }
+    }
+}
+
+/// An event handed in through the generic stream API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: Option<EventId>,
+    pub kind: String,
+    /// JSON text.
+    pub data: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    PostMessage { user: String, peer: String, id: Option<EventId>, text: String },
+    Messages { user: String, peer: String, before: Option<Version>, limit: usize },
+    Typing { user: String, peer: String },
+    MarkRead { user: String, peer: String, version: Version },
+    Chats { user: String, before_ms: Option<u64>, limit: usize },
+    PostFeed { user: String, target: String, id: Option<EventId>, kind: FeedKind },
+    Feed { user: String, before: Option<Version>, limit: usize },
+    /// `since` is the cursor text as the client sent it.
+    Sync { user: String, since: Option<String>, timeout_ms: u64 },
+    Online { limit: usize },
+    Flags { user: String },
+    SetFlag { name: String, percent: u8, from: String },
+    StreamAppend { stream: StreamName, events: Vec<NewEvent>, from: String },
+    StreamRead { stream: StreamName, after: Option<Version>, before: Option<Version>, limit: usize, wait_ms: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    /// One event appended (`created`) or found by its id (not `created`).
+    Appended { event: Event, created: bool },
+    /// Many events appended as a whole; `created` if any of them was new.
+    AppendedAll { events: Vec<Event>, created: bool },
+    Page { events: Vec<Event>, head: Version },
+    Chats(Vec<ChatSummary>),
+    Sync(SyncReply),
+    Online { users: Vec<String>, total: usize },
+    Flags(BTreeMap<String, bool>),
+    Done,
+    Error(CoreError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// This node's own caps are reached; retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// Not ready, stopping, or storage failed; retry later, perhaps elsewhere.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatSummary {
+    pub peer: String,
+    pub last: Event,
+    pub unread: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unread {
+    pub total: u64,
+    /// Only peers with a non-zero count.
+    pub by_peer: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SyncItem {
+    /// A stored event: a chat message (unwrapped from its inbox copy), a feed event, ...
+    Event(Event),
+    /// The user read their conversation with `peer` up to `version`.
+    Read { peer: String, version: Version },
+    /// A typing signal from `from`; never stored.
+    Typing { from: String, time_ms: u64 },
+    /// The user's flags changed; all of them, evaluated for the user.
+    Flags(BTreeMap<String, bool>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncReply {
+    pub cursor: String,
+    pub items: Vec<SyncItem>,
+    pub unread: Unread,
+    /// Present on a fresh sync (no `since`) and on a reset.
+    pub snapshot: Option<Snapshot>,
+    pub reset: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    pub feed: Vec<Event>,
+    pub feed_head: Version,
+    pub chats: Vec<ChatSummary>,
+}

@@ -1,0 +1,145 @@
+//! Configuration: command-line flags over `GRIDDLE_*` environment variables over the TOML
+//! file over defaults. Every key is documented in `docs/config.md`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The development secret `--dev` uses. Public on purpose: never use `--dev` in production.
+pub const DEV_SECRET: &str = "griddle-development-secret-not-for-production";
+
+/// The TOML file. Every field is optional; unknown keys are an error, so typos surface.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub http: Option<SocketAddr>,
+    pub mesh: Option<SocketAddr>,
+    pub join: Option<Vec<String>>,
+    pub dev: Option<bool>,
+    pub jwt_secret: Option<String>,
+    pub cursor_secret: Option<String>,
+    pub store: Option<String>,
+    pub cors_origins: Option<Vec<String>>,
+    pub ops_allow: Option<Vec<String>>,
+    pub long_polls_max: Option<usize>,
+    pub connections_max: Option<usize>,
+    pub rocksdb_max_open_files: Option<i32>,
+    pub log_format: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&PathBuf>) -> anyhow::Result<FileConfig> {
+        let Some(path) = path else { return Ok(FileConfig::default()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parse config {}", path.display()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Rocksdb,
+    Mem,
+}
+
+/// Everything a node needs, resolved.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub http: SocketAddr,
+    pub mesh: SocketAddr,
+    pub join: Vec<String>,
+    pub dev: bool,
+    pub jwt_secret: String,
+    pub cursor_secret: String,
+    pub store: StoreKind,
+    pub cors_origins: Vec<String>,
+    pub ops_allow: Vec<String>,
+    pub long_polls_max: usize,
+    pub connections_max: usize,
+    pub rocksdb_max_open_files: i32,
+    pub log_json: bool,
+}
+
+/// Values given on the command line or in the environment (clap reads both).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// TOML configuration file.
+    #[arg(long, env = "GRIDDLE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id (default: `node-` and the HTTP port).
+    #[arg(long, env = "GRIDDLE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Where the store lives (default: ./griddle-data/<node id>).
+    #[arg(long, env = "GRIDDLE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP listen address (default 127.0.0.1:7700).
+    #[arg(long, env = "GRIDDLE_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Mesh (QUIC) listen address (default 127.0.0.1:7800).
+    #[arg(long, env = "GRIDDLE_MESH")]
+    pub mesh: Option<SocketAddr>,
+    /// Mesh addresses of nodes to join, comma-separated.
+    #[arg(long, env = "GRIDDLE_JOIN", value_delimiter = ',')]
+    pub join: Option<Vec<String>>,
+    /// Development mode: built-in secret, /v1/dev/token, loopback only.
+    #[arg(long, env = "GRIDDLE_DEV")]
+    pub dev: bool,
+    /// Storage backend: rocksdb (default) or mem (nothing survives a restart).
+    #[arg(long, env = "GRIDDLE_STORE")]
+    pub store: Option<String>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "GRIDDLE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    pub fn resolve(flags: &Overrides) -> anyhow::Result<Config> {
+        let file = FileConfig::load(flags.config.as_ref())?;
+        let dev = flags.dev || file.dev.unwrap_or(false);
+        let http = flags.http.or(file.http).unwrap_or_else(|| "127.0.0.1:7700".parse().expect("valid"));
+        let mesh = flags.mesh.or(file.mesh).unwrap_or_else(|| "127.0.0.1:7800".parse().expect("valid"));
+        let node_id = flags.node_id.clone().or(file.node_id).unwrap_or_else(|| format!("node-{}", http.port()));
+        if !node_core::social::valid_user(&node_id) {
+            bail!("node_id must be 1-64 of A-Z a-z 0-9 _ -, got {node_id:?}");
+        }
+        let env_secret = std::env::var("GRIDDLE_JWT_SECRET").ok();
+        let jwt_secret = match env_secret.or(file.jwt_secret) {
+            Some(secret) if secret.len() >= 16 => secret,
+            Some(_) => bail!("jwt_secret must be at least 16 bytes"),
+            None if dev => DEV_SECRET.to_owned(),
+            None => bail!("set jwt_secret in the config file or GRIDDLE_JWT_SECRET (or use --dev)"),
+        };
+        let cursor_secret = std::env::var("GRIDDLE_CURSOR_SECRET").ok().or(file.cursor_secret).unwrap_or_else(|| format!("cursor:{jwt_secret}"));
+        if dev && !(http.ip().is_loopback() && mesh.ip().is_loopback()) {
+            bail!("--dev binds loopback addresses only (http {http}, mesh {mesh})");
+        }
+        let store = match flags.store.clone().or(file.store).as_deref().unwrap_or("rocksdb") {
+            "rocksdb" => StoreKind::Rocksdb,
+            "mem" => StoreKind::Mem,
+            other => bail!("store must be rocksdb or mem, got {other:?}"),
+        };
+        let log_json = flags.log_json || file.log_format.as_deref() == Some("json");
+        Ok(Config {
+            data_dir: flags.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("griddle-data").join(&node_id)),
+            node_id,
+            http,
+            mesh,
+            join: flags.join.clone().or(file.join).unwrap_or_default(),
+            dev,
+            jwt_secret,
+            cursor_secret,
+            store,
+            cors_origins: file.cors_origins.unwrap_or_default(),
+            ops_allow: file.ops_allow.unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]),
+            long_polls_max: file.long_polls_max.unwrap_or(16_000),
+            connections_max: file.connections_max.unwrap_or(18_000),
+            rocksdb_max_open_files: file.rocksdb_max_open_files.unwrap_or(256),
+            log_json,
+        })
+    }
+}

@@ -1,0 +1,75 @@
+//! A Griddle node: configuration, the tokio runtime that drives the node core, and the
+//! [`web::Backend`] the HTTP layer calls. `main.rs` only parses the command line and wires.
+
+pub mod clock;
+pub mod config;
+mod driver;
+mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use store::Store;
+use tokio::net::TcpListener;
+
+pub use config::{Config, Overrides, StoreKind};
+pub use driver::Driver;
+pub use service::NodeService;
+
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match config.store {
+        StoreKind::Mem => Arc::new(store::mem::MemStore::new()),
+        StoreKind::Rocksdb => {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create {}", config.data_dir.display()))?;
+            let options = store::rocks::RocksOptions { max_open_files: config.rocksdb_max_open_files, ..Default::default() };
+            Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?)
+        }
+    })
+}
+
+pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
+    let ops_allow = config
+        .ops_allow
+        .iter()
+        .map(|net| web::AllowNet::parse(net).with_context(|| format!("ops_allow entry {net:?}")))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(web::WebConfig {
+        jwt_secret: config.jwt_secret.as_bytes().to_vec(),
+        dev: config.dev,
+        cors_origins: config.cors_origins.clone(),
+        ops_allow,
+        connections_max: config.connections_max,
+        ..Default::default()
+    })
+}
+
+/// Serves `listener` until `shutdown` completes or storage fails; then answers held
+/// long-polls with their cursors and returns. The store is closed when the last handle drops.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let store = open_store(&config)?;
+    let core_config = node_core::Config {
+        cursor_key: config.cursor_secret.as_bytes().to_vec(),
+        waiters_max: config.long_polls_max,
+        seed: clock::seed(),
+        ..Default::default()
+    };
+    let core = node_core::NodeCore::new(core_config, store.clone(), clock::now_ms()).context("recover the node core")?;
+    let driver = Driver::start(core, store);
+    let http_addr = listener.local_addr()?;
+    let service = Arc::new(NodeService::new(&config, http_addr, driver.clone()));
+    let web_config = web_config(&config)?;
+    let fatal = async { driver.fatal.notified().await };
+    let failed = tokio::select! {
+        _ = web::run(listener, service, web_config, shutdown) => false,
+        _ = fatal => true,
+    };
+    driver.stop();
+    // Let the answered long-polls reach their clients before the process goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if failed {
+        anyhow::bail!("storage failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Starts real `griddle` processes and talks HTTP to them.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub const SECRET: &[u8] = node::config::DEV_SECRET.as_bytes();
+
+/// A running node; killed when dropped.
+pub struct Node {
+    child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl Node {
+    pub fn start(data_dir: &Path) -> Node {
+        Node::start_with(data_dir, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, extra: &[&str]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_griddle"))
+            .args(["serve", "--dev", "--http", "127.0.0.1:0", "--mesh", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("GRIDDLE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start griddle");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read griddle's first line");
+        let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no URL in {line:?}"));
+        let url = url.trim_end_matches('/').to_owned();
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let _ = stdout.read_to_end(&mut Vec::new());
+        });
+        Node { child, url, data_dir: data_dir.to_owned() }
+    }
+
+    /// `kill -9`.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        let (status, body) = self.post("/v1/dev/token", None, &serde_json::json!({ "user": user }).to_string());
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    pub fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        self.call("GET", path, token, None)
+    }
+
+    pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+        self.call("POST", path, token, Some(body))
+    }
+
+    pub fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+        let (status, _, text) = self.raw(method, path, token, body, &[]);
+        (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+    }
+
+    /// Status, headers and body text, whatever the status.
+    pub fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, String) {
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(70)).build();
+        let mut request = agent.request(method, &format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.set(name, value);
+        }
+        let result = match body {
+            Some(body) => request.set("Content-Type", "application/json").send_string(body),
+            None => request.call(),
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(ureq::Error::Status(_, response)) => response,
+            Err(error) => panic!("{method} {path}: {error}"),
+        };
+        let status = response.status();
+        let headers = response.headers_names().into_iter().map(|n| (n.clone(), response.header(&n).unwrap_or("").to_owned())).collect();
+        (status, headers, response.into_string().unwrap_or_default())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn mint(user: &str, exp_from_now_secs: i64, svc: bool) -> String {
+    let now = node::clock::now_ms() as i64 / 1000;
+    let claims = web::auth::Claims { sub: user.into(), exp: (now + exp_from_now_secs) as u64, svc };
+    web::auth::mint(SECRET, &claims)
+}
+
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+/// A fresh ULID text for client-chosen ids.
+pub fn ulid() -> String {
+    ulid::Ulid::new().to_string()
+}

@@ -1,0 +1,5 @@
+//! Node integration tests, one binary: real `griddle` processes on loopback, real RocksDB.
+
+mod api;
+mod crash;
+mod harness;

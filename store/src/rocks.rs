@@ -1,0 +1,267 @@
+//! The RocksDB backend, with our own group commit.
+//!
+//! Appenders hand batches to one writer thread through a bounded queue. The writer takes the
+//! first waiting batch, then everything else already queued (up to `group_events_max`), writes
+//! them as one RocksDB `WriteBatch` with `sync = true` (one WAL fsync), and only then runs
+//! their completions. While one group is syncing the next one accumulates, so under load many
+//! appenders share a sync and an idle store adds no delay (the seeds flushed "every 100 records
+//! or every second"; we flush as soon as the previous flush is done).
+//!
+//! Column families: `events` (stream, 0, version) -> encoded event; `ids` (stream, 0, id) ->
+//! version; `meta` (key) -> value. Stream names never contain the zero byte. RocksDB publishes
+//! a write to readers only after its WAL write (and here its sync) returned, so a reader never
+//! sees an unsynced event.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Mutex, MutexGuard};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
+
+use crate::{
+    decode_event, encode_event, Completion, Event, EventId, ReadRange, Store, StoreError, StoreStats, StreamName,
+    Version, WriteBatch,
+};
+
+const CF_EVENTS: &str = "events";
+const CF_IDS: &str = "ids";
+const CF_META: &str = "meta";
+
+#[derive(Clone, Debug)]
+pub struct RocksOptions {
+    /// RocksDB's own file-descriptor budget; the process needs the rest for connections.
+    pub max_open_files: i32,
+    /// Appends waiting for the writer thread, at most.
+    pub queue_len_max: usize,
+    /// Events in one group commit, at most.
+    pub group_events_max: usize,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        RocksOptions { max_open_files: 256, queue_len_max: 8192, group_events_max: 4096 }
+    }
+}
+
+pub struct RocksStore {
+    db: Arc<DB>,
+    queue: Option<SyncSender<(WriteBatch, Completion)>>,
+    writer: Option<JoinHandle<()>>,
+    stats: Arc<Counters>,
+    gate: Arc<Mutex<()>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    appends: AtomicU64,
+    syncs: AtomicU64,
+}
+
+impl RocksStore {
+    pub fn open(path: &Path, options: RocksOptions) -> Result<RocksStore, StoreError> {
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_open_files(options.max_open_files);
+        db_options.set_paranoid_checks(true);
+        db_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let families = [CF_EVENTS, CF_IDS, CF_META]
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, db_options.clone()));
+        let db = DB::open_cf_descriptors(&db_options, path, families)
+            .map_err(|e| StoreError::Failed(format!("open {}: {e}", path.display())))?;
+        let db = Arc::new(db);
+        let stats = Arc::new(Counters::default());
+        let gate = Arc::new(Mutex::new(()));
+        let (queue, inbox) = sync_channel(options.queue_len_max);
+        let writer = {
+            let (db, stats, gate) = (db.clone(), stats.clone(), gate.clone());
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || write_groups(&db, &inbox, &stats, &gate, options.group_events_max))
+                .map_err(|e| StoreError::Failed(format!("spawn writer: {e}")))?
+        };
+        Ok(RocksStore { db, queue: Some(queue), writer: Some(writer), stats, gate })
+    }
+
+    /// Holds every sync until the guard drops: lets tests see that nothing unsynced is visible.
+    pub fn hold_syncs(&self) -> MutexGuard<'_, ()> {
+        self.gate.lock()
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+}
+
+impl Drop for RocksStore {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and stop.
+        self.queue.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn key(stream: &StreamName, suffix: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream.as_str().len() + 1 + suffix.len());
+    key.extend_from_slice(stream.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(suffix);
+    key
+}
+
+fn event_key(stream: &StreamName, version: Version) -> Vec<u8> {
+    key(stream, &version.0.to_be_bytes())
+}
+
+fn write_groups(
+    db: &DB,
+    inbox: &Receiver<(WriteBatch, Completion)>,
+    stats: &Counters,
+    gate: &Mutex<()>,
+    group_events_max: usize,
+) {
+    let (events_cf, ids_cf, meta_cf) = (
+        db.cf_handle(CF_EVENTS).expect("cf"),
+        db.cf_handle(CF_IDS).expect("cf"),
+        db.cf_handle(CF_META).expect("cf"),
+    );
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    while let Ok(first) = inbox.recv() {
+        let mut group = vec![first];
+        let mut events = group[0].0.events.len();
+        while events < group_events_max {
+            match inbox.try_recv() {
+                Ok(next) => {
+                    events += next.0.events.len();
+                    group.push(next);
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let mut batch = rocksdb::WriteBatch::default();
+        for (writes, _) in &group {
+            for event in &writes.events {
+                batch.put_cf(events_cf, event_key(&event.stream, event.version), encode_event(event));
+                batch.put_cf(ids_cf, key(&event.stream, &event.id.0.to_be_bytes()), event.version.0.to_be_bytes());
+            }
+            for (meta_key, value) in &writes.meta {
+                match value {
+                    Some(value) => batch.put_cf(meta_cf, meta_key, value),
+                    None => batch.delete_cf(meta_cf, meta_key),
+                }
+            }
+        }
+        let result = {
+            let _held = gate.lock();
+            db.write_opt(batch, &sync).map_err(|e| StoreError::Uncertain(format!("synced write: {e}")))
+        };
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        stats.appends.fetch_add(group.len() as u64, Ordering::Relaxed);
+        stats.events.fetch_add(events as u64, Ordering::Relaxed);
+        for (_, done) in group {
+            done(result.clone());
+        }
+    }
+}
+
+impl Store for RocksStore {
+    fn append(&self, batch: WriteBatch, done: Completion) {
+        let queue = self.queue.as_ref().expect("queue lives until drop");
+        if let Err(error) = queue.send((batch, done)) {
+            let (_, done) = error.0;
+            done(Err(StoreError::Closed));
+        }
+    }
+
+    fn read(&self, stream: &StreamName, range: ReadRange) -> Result<Vec<Event>, StoreError> {
+        let mut options = ReadOptions::default();
+        options.set_iterate_lower_bound(event_key(stream, Version(0)));
+        options.set_iterate_upper_bound(event_key(stream, Version(u64::MAX)));
+        let (start, direction, limit) = match range {
+            ReadRange::After { after, limit } => (event_key(stream, after.next()), Direction::Forward, limit),
+            ReadRange::Before { before, limit } => {
+                let start = before.map_or(u64::MAX, |b| b.0.saturating_sub(1));
+                (event_key(stream, Version(start)), Direction::Reverse, limit)
+            }
+        };
+        let mut events = Vec::with_capacity(limit.min(128));
+        if limit == 0 {
+            return Ok(events);
+        }
+        let iter = self.db.iterator_cf_opt(self.cf(CF_EVENTS), options, IteratorMode::From(&start, direction));
+        for item in iter {
+            let (_, value) = item.map_err(|e| StoreError::Failed(format!("read {stream}: {e}")))?;
+            events.push(decode_event(stream, &value)?);
+            if events.len() == limit {
+                break;
+            }
+        }
+        if direction == Direction::Reverse {
+            events.reverse();
+        }
+        Ok(events)
+    }
+
+    fn head(&self, stream: &StreamName) -> Result<Version, StoreError> {
+        let mut options = ReadOptions::default();
+        options.set_iterate_lower_bound(event_key(stream, Version(0)));
+        let upper = event_key(stream, Version(u64::MAX));
+        let mut iter = self.db.iterator_cf_opt(self.cf(CF_EVENTS), options, IteratorMode::From(&upper, Direction::Reverse));
+        match iter.next() {
+            None => Ok(Version::ZERO),
+            Some(Err(e)) => Err(StoreError::Failed(format!("head of {stream}: {e}"))),
+            Some(Ok((key, _))) => {
+                let suffix: [u8; 8] = key[key.len() - 8..].try_into().expect("event keys end in a version");
+                Ok(Version(u64::from_be_bytes(suffix)))
+            }
+        }
+    }
+
+    fn find(&self, stream: &StreamName, id: EventId) -> Result<Option<Event>, StoreError> {
+        let found = self
+            .db
+            .get_cf(self.cf(CF_IDS), key(stream, &id.0.to_be_bytes()))
+            .map_err(|e| StoreError::Failed(format!("find in {stream}: {e}")))?;
+        let Some(version) = found else { return Ok(None) };
+        let version: [u8; 8] = version.as_slice().try_into().map_err(|_| StoreError::Corrupt("id index value".into()))?;
+        let value = self
+            .db
+            .get_cf(self.cf(CF_EVENTS), event_key(stream, Version(u64::from_be_bytes(version))))
+            .map_err(|e| StoreError::Failed(format!("find in {stream}: {e}")))?
+            .ok_or_else(|| StoreError::Corrupt(format!("id index of {stream} points at a missing event")))?;
+        decode_event(stream, &value).map(Some)
+    }
+
+    fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(CF_META), key).map_err(|e| StoreError::Failed(format!("meta: {e}")))
+    }
+
+    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let iter = self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(prefix, Direction::Forward));
+        let mut found = Vec::new();
+        for item in iter {
+            let (key, value) = item.map_err(|e| StoreError::Failed(format!("meta scan: {e}")))?;
+            if !key.starts_with(prefix) || found.len() == limit {
+                break;
+            }
+            found.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(found)
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            events: self.stats.events.load(Ordering::Relaxed),
+            appends: self.stats.appends.load(Ordering::Relaxed),
+            syncs: self.stats.syncs.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Griddle's HTTP API (`shared/API.md`) on hyper 1.x, and the browser app it serves at `/`.
+//!
+//! `web` parses and checks requests (routes, tokens, parameters, bodies, limits, CORS), turns
+//! them into the node core's [`node_core::api::Request`]s, hands them to a [`Backend`] and
+//! renders the [`node_core::api::Reply`] as JSON. It knows nothing of gossip or RocksDB: the
+//! node implements [`Backend`]. Every error goes through one [`ApiError`] → status mapping.
+//!
+//! Promises: no input makes it panic; bodies over 64 KiB are refused before they are read
+//! whole; parameters out of range are 400, never clamped; connections are capped below the
+//! process's file-descriptor limit.
+
+mod assets;
+pub mod auth;
+mod error;
+mod render;
+mod routes;
+mod server;
+
+use std::future::Future;
+
+pub use error::ApiError;
+pub use server::{run, AllowNet, WebConfig};
+
+use node_core::api::{Reply, Request};
+
+/// What the HTTP layer needs from a node.
+pub trait Backend: Send + Sync + 'static {
+    /// Runs one request. Dropping the future abandons it (a long-poll stops waiting).
+    fn call(&self, request: Request) -> impl Future<Output = Reply> + Send;
+    /// Milliseconds since the Unix epoch: the node owns the clock.
+    fn now_ms(&self) -> u64;
+    /// Whether `/readyz` should answer 200.
+    fn ready(&self) -> bool;
+    fn cluster(&self) -> ClusterView;
+    /// Prometheus text.
+    fn metrics(&self) -> String;
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterView {
+    pub node: String,
+    pub members: Vec<MemberView>,
+    pub partitions: PartitionView,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemberView {
+    pub id: String,
+    pub mesh_addr: String,
+    pub http_addr: String,
+    /// `alive`, `suspect` or `down`.
+    pub state: &'static str,
+    pub weight: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PartitionView {
+    pub count: u32,
+    pub replicas: u32,
+    pub primary_here: u32,
+    pub replica_here: u32,
+}

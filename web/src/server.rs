@@ -1,0 +1,264 @@
+//! The hyper shell: accept connections, apply limits and CORS, call the routes.
+//!
+//! [`run`] takes an already bound listener (tests bind port 0) and a shutdown future.
+//! Connections are capped (`connections_max`, below the file-descriptor limit); a slow client
+//! gets `header_read_timeout` to send its headers; headers are capped by `header_bytes_max`;
+//! bodies over `body_bytes_max` are refused with 413 from their `Content-Length` or as soon
+//! as they grow past it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::routes::{self, Answer, Call};
+use crate::{ApiError, Backend};
+
+#[derive(Clone, Debug)]
+pub struct WebConfig {
+    pub jwt_secret: Vec<u8>,
+    /// Enables `/v1/dev/token` and answers CORS for any loopback origin.
+    pub dev: bool,
+    /// Origins answered for cross-origin requests (exact `scheme://host:port`).
+    pub cors_origins: Vec<String>,
+    /// Networks that may read `/metrics` and `/v1/cluster` without a token.
+    pub ops_allow: Vec<AllowNet>,
+    pub body_bytes_max: usize,
+    pub header_bytes_max: usize,
+    pub connections_max: usize,
+    pub header_read_timeout: Duration,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            jwt_secret: Vec::new(),
+            dev: false,
+            cors_origins: Vec::new(),
+            ops_allow: vec![AllowNet::parse("127.0.0.0/8").expect("valid"), AllowNet::parse("::1/128").expect("valid")],
+            body_bytes_max: 64 * 1024,
+            header_bytes_max: 16 * 1024,
+            connections_max: 18_000,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An address and prefix length, such as `127.0.0.0/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl AllowNet {
+    pub fn parse(text: &str) -> Option<AllowNet> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr.parse().ok()?, prefix.parse().ok()?),
+            None => {
+                let addr: IpAddr = text.parse().ok()?;
+                (addr, if addr.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let bits = if matches!(addr, IpAddr::V4(_)) { 32 } else { 128 };
+        (prefix <= bits).then_some(AllowNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => masked(u32::from(net).into(), 32, self.prefix) == masked(u32::from(ip).into(), 32, self.prefix),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => masked(u128::from(net), 128, self.prefix) == masked(u128::from(ip), 128, self.prefix),
+            _ => false,
+        }
+    }
+}
+
+fn masked(bits: u128, width: u8, prefix: u8) -> u128 {
+    if prefix == 0 { 0 } else { bits >> (width - prefix) }
+}
+
+/// Serves HTTP on `listener` until `shutdown` completes.
+pub async fn run<B: Backend>(listener: TcpListener, backend: Arc<B>, config: WebConfig, shutdown: impl Future<Output = ()>) {
+    let config = Arc::new(config);
+    let permits = Arc::new(Semaphore::new(config.connections_max));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream); // Over the connection cap: close at once.
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (backend, config) = (backend.clone(), config.clone());
+        let (header_read_timeout, header_bytes_max) = (config.header_read_timeout, config.header_bytes_max);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let (backend, config) = (backend.clone(), config.clone());
+                async move { Ok::<_, Infallible>(handle(&*backend, &config, peer, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(header_bytes_max.max(8192))
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+}
+
+async fn handle<B: Backend>(backend: &B, config: &WebConfig, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let origin = request.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).filter(|o| allowed_origin(config, o)).map(str::to_owned);
+    let mut response = match respond(backend, config, peer, request).await {
+        Ok(response) => response,
+        Err(error) => error_response(&error),
+    };
+    if let Some(origin) = origin {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_str(&origin).expect("checked origin"));
+        headers.insert(header::VARY, HeaderValue::from_static("origin"));
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
+    }
+    response
+}
+
+async fn respond<B: Backend>(backend: &B, config: &WebConfig, peer: SocketAddr, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (route, methods) = routes::resolve(request.uri().path()).ok_or_else(ApiError::not_found)?;
+    let method = request.method().clone();
+    if method == Method::OPTIONS {
+        return Ok(preflight(methods));
+    }
+    let method_ok = methods.contains(&method) || (method == Method::HEAD && methods.contains(&Method::GET));
+    if !method_ok {
+        return Err(ApiError::not_found());
+    }
+    let query = routes::parse_query(request.uri().query())?;
+    let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = read_body(config, request).await?;
+    let call = Call { backend, config, peer: peer.ip(), method, query, authorization: authorization.as_deref(), body };
+    Ok(match call.run(route).await? {
+        Answer::Json(status, body) => with_type(status, "application/json", Bytes::from(body)),
+        Answer::Text(kind, body) => with_type(200, kind, Bytes::from(body)),
+        Answer::Static(kind, body) => with_type(200, kind, Bytes::from_static(body.as_bytes())),
+        Answer::NoContent => with_status(204, Bytes::new()),
+    })
+}
+
+async fn read_body(config: &WebConfig, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > config.body_bytes_max as u64) {
+        return Err(ApiError::too_large());
+    }
+    let limited = Limited::new(request.into_body(), config.body_bytes_max);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large()),
+        Err(_) => Err(ApiError::bad_request("the request body could not be read")),
+    }
+}
+
+fn preflight(methods: &[Method]) -> Response<Full<Bytes>> {
+    let mut response = with_status(204, Bytes::new());
+    let allow: Vec<&str> = methods.iter().map(Method::as_str).chain(["OPTIONS"]).collect();
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_str(&allow.join(", ")).expect("ascii"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+    headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    response
+}
+
+fn allowed_origin(config: &WebConfig, origin: &str) -> bool {
+    if config.cors_origins.iter().any(|o| o == origin) {
+        return true;
+    }
+    config.dev && loopback_origin(origin)
+}
+
+/// `http(s)://localhost[:port]`, `http(s)://127.x.y.z[:port]` or `http(s)://[::1][:port]`.
+fn loopback_origin(origin: &str) -> bool {
+    let Some(rest) = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) else { return false };
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, port)) if port.is_empty() || port.starts_with(':') => host,
+            _ => return false,
+        },
+        None => rest.rsplit_once(':').map_or(rest, |(host, _)| host),
+    };
+    let port_ok = rest.rsplit_once(':').is_none_or(|(_, p)| p.ends_with(']') || p.chars().all(|c| c.is_ascii_digit()));
+    port_ok && (host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+}
+
+fn with_status(status: u16, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = StatusCode::from_u16(status).expect("valid status");
+    response
+}
+
+fn with_type(status: u16, kind: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = with_status(status, body);
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": { "code": error.code, "message": error.message } });
+    let mut response = with_type(error.status, "application/json", Bytes::from(body.to_string()));
+    if let Some(seconds) = error.retry_after() {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_origins() {
+        let check = |origin: &str, ok: bool| assert_eq!(loopback_origin(origin), ok, "{origin}");
+        check("http://localhost:8080", true);
+        check("http://127.0.0.2:1", true);
+        check("http://[::1]:3000", true);
+        check("http://localhost", true);
+        check("http://example.com:80", false);
+        check("http://localhost.evil.com:80", false);
+        check("http://10.0.0.1:80", false);
+        check("file://", false);
+    }
+
+    #[test]
+    fn allow_nets() {
+        let net = AllowNet::parse("127.0.0.0/8").unwrap();
+        assert!(net.contains("127.1.2.3".parse().unwrap()));
+        assert!(net.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!net.contains("10.0.0.1".parse().unwrap()));
+        assert!(AllowNet::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert_eq!(AllowNet::parse("1.2.3.4/33"), None);
+    }
+}
