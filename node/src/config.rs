@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub long_polls_max: Option<usize>,
     pub connections_max: Option<usize>,
     pub rocksdb_max_open_files: Option<i32>,
+    pub group_commit_delay_us: Option<u64>,
     pub log_format: Option<String>,
 }
 
@@ -62,6 +63,7 @@ pub struct Config {
     pub long_polls_max: usize,
     pub connections_max: usize,
     pub rocksdb_max_open_files: i32,
+    pub group_commit_delay_us: u64,
     pub log_json: bool,
 }
 
@@ -114,7 +116,10 @@ impl Config {
             None if dev => DEV_SECRET.to_owned(),
             None => bail!("set jwt_secret in the config file or GRIDDLE_JWT_SECRET (or use --dev)"),
         };
-        let cursor_secret = std::env::var("GRIDDLE_CURSOR_SECRET").ok().or(file.cursor_secret).unwrap_or_else(|| format!("cursor:{jwt_secret}"));
+        let cursor_secret = std::env::var("GRIDDLE_CURSOR_SECRET")
+            .ok()
+            .or(file.cursor_secret)
+            .unwrap_or_else(|| format!("cursor:{jwt_secret}"));
         if dev && !(http.ip().is_loopback() && mesh.ip().is_loopback()) {
             bail!("--dev binds loopback addresses only (http {http}, mesh {mesh})");
         }
@@ -125,7 +130,11 @@ impl Config {
         };
         let log_json = flags.log_json || file.log_format.as_deref() == Some("json");
         Ok(Config {
-            data_dir: flags.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("griddle-data").join(&node_id)),
+            data_dir: flags
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("griddle-data").join(&node_id)),
             node_id,
             http,
             mesh,
@@ -139,6 +148,7 @@ impl Config {
             long_polls_max: file.long_polls_max.unwrap_or(16_000),
             connections_max: file.connections_max.unwrap_or(18_000),
             rocksdb_max_open_files: file.rocksdb_max_open_files.unwrap_or(256),
+            group_commit_delay_us: file.group_commit_delay_us.unwrap_or(200),
             log_json,
         })
     }

@@ -100,7 +100,9 @@ impl Driver {
             id
         };
         let mut pending = Pending { driver: self, id, answered: false };
-        let reply = rx.await.unwrap_or_else(|_| Reply::Error(node_core::api::CoreError::Unavailable("node is stopping".into())));
+        let reply = rx
+            .await
+            .unwrap_or_else(|_| Reply::Error(node_core::api::CoreError::Unavailable("node is stopping".into())));
         pending.answered = true;
         reply
     }

@@ -22,8 +22,10 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.store {
         StoreKind::Mem => Arc::new(store::mem::MemStore::new()),
         StoreKind::Rocksdb => {
-            std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create {}", config.data_dir.display()))?;
-            let options = store::rocks::RocksOptions { max_open_files: config.rocksdb_max_open_files, ..Default::default() };
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("create {}", config.data_dir.display()))?;
+            let options =
+                store::rocks::RocksOptions { max_open_files: config.rocksdb_max_open_files, ..Default::default() };
             Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?)
         }
     })
@@ -55,7 +57,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         seed: clock::seed(),
         ..Default::default()
     };
-    let core = node_core::NodeCore::new(core_config, store.clone(), clock::now_ms()).context("recover the node core")?;
+    let core =
+        node_core::NodeCore::new(core_config, store.clone(), clock::now_ms()).context("recover the node core")?;
     let driver = Driver::start(core, store);
     let http_addr = listener.local_addr()?;
     let service = Arc::new(NodeService::new(&config, http_addr, driver.clone()));

@@ -48,7 +48,12 @@ impl web::Backend for NodeService {
                 state: "alive",
                 weight: 1.0,
             }],
-            partitions: PartitionView { count: PARTITIONS, replicas: REPLICAS, primary_here: PARTITIONS, replica_here: PARTITIONS },
+            partitions: PartitionView {
+                count: PARTITIONS,
+                replicas: REPLICAS,
+                primary_here: PARTITIONS,
+                replica_here: PARTITIONS,
+            },
         }
     }
 
@@ -61,7 +66,12 @@ impl web::Backend for NodeService {
         metric("griddle_store_events_total", "counter", "Events appended to the store.", stats.events);
         metric("griddle_store_appends_total", "counter", "Append batches handed to the store.", stats.appends);
         metric("griddle_store_wal_syncs_total", "counter", "Synced WAL writes (group commits).", stats.syncs);
-        metric("griddle_long_polls_held", "gauge", "Long-polls waiting on this node.", self.driver.long_polls_held() as u64);
+        metric(
+            "griddle_long_polls_held",
+            "gauge",
+            "Long-polls waiting on this node.",
+            self.driver.long_polls_held() as u64,
+        );
         out
     }
 }

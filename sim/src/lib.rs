@@ -83,7 +83,10 @@ impl World {
             completions: Arc::default(),
             next_request: 0,
             pending: HashMap::new(),
-            browsers: USERS.iter().map(|user| Browser { user, cursor: None, waiting: None, seen: HashMap::new() }).collect(),
+            browsers: USERS
+                .iter()
+                .map(|user| Browser { user, cursor: None, waiting: None, seen: HashMap::new() })
+                .collect(),
             acknowledged: Vec::new(),
             unacknowledged: Vec::new(),
             trace: 0xcbf29ce484222325,
@@ -181,7 +184,8 @@ impl World {
                     self.unacknowledged.push((user, peer, id));
                     (user, peer, id)
                 };
-                let request = Request::PostMessage { user: user.into(), peer: peer.into(), id: Some(id), text: "hello".into() };
+                let request =
+                    Request::PostMessage { user: user.into(), peer: peer.into(), id: Some(id), text: "hello".into() };
                 self.request(Pending::Post { user, peer, id }, request);
             }
             25..=34 => {
@@ -219,12 +223,15 @@ impl World {
         for browser in &mut self.browsers {
             browser.waiting = None;
         }
-        self.core = NodeCore::new(core_config(self.rng.gen()), self.disk.clone(), self.now_ms).expect("the mem disk reads");
+        self.core =
+            NodeCore::new(core_config(self.rng.gen()), self.disk.clone(), self.now_ms).expect("the mem disk reads");
     }
 
     fn check_deadlines(&self) -> Result<(), String> {
         match self.core.poll_timeout() {
-            Some(deadline) if deadline + 1000 < self.now_ms => Err(format!("a long-poll waited past its deadline {deadline}")),
+            Some(deadline) if deadline + 1000 < self.now_ms => {
+                Err(format!("a long-poll waited past its deadline {deadline}"))
+            }
             _ if self.core.waiting() > 64 => Err("more long-polls than the cap".into()),
             _ => Ok(()),
         }
@@ -271,8 +278,16 @@ impl World {
                 let mine = a == browser.user || b == browser.user;
                 let seen = browser.seen.get(stream).copied().unwrap_or(0);
                 if mine && seen != head.0 {
-                    let all = self.disk.read(stream, ReadRange::After { after: Version(0), limit: 1000 }).map_err(|e| e.to_string())?;
-                    return Err(format!("{} saw {stream} up to {seen} of {} ({} events)", browser.user, head, all.len()));
+                    let all = self
+                        .disk
+                        .read(stream, ReadRange::After { after: Version(0), limit: 1000 })
+                        .map_err(|e| e.to_string())?;
+                    return Err(format!(
+                        "{} saw {stream} up to {seen} of {} ({} events)",
+                        browser.user,
+                        head,
+                        all.len()
+                    ));
                 }
             }
         }

@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<u64>().ok());
+    let value = |name: &str| {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<u64>().ok())
+    };
     let steps = value("--steps").unwrap_or(400) as usize;
     let (from, count) = match value("--seed") {
         Some(seed) => (seed, 1),
@@ -36,5 +38,9 @@ fn main() -> ExitCode {
     }
     println!("sim: {} seeds (regressions, then from {from}), {steps} steps each: {acknowledged} acknowledged messages, {delivered} deliveries checked, {crashes} crashes", total);
     println!("{} passed, {failed} failed", total - failed);
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

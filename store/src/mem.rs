@@ -66,7 +66,11 @@ impl Drop for SyncHold<'_> {
         let done = {
             let mut inner = self.store.inner.lock();
             inner.holds -= 1;
-            if inner.holds == 0 && !inner.manual { inner.sync() } else { Vec::new() }
+            if inner.holds == 0 && !inner.manual {
+                inner.sync()
+            } else {
+                Vec::new()
+            }
         };
         run(done);
     }
@@ -143,7 +147,11 @@ impl Store for MemStore {
             inner.stats.appends += 1;
             inner.stats.events += batch.events.len() as u64;
             inner.unsynced.push((batch, done));
-            if inner.manual || inner.holds > 0 { Vec::new() } else { inner.sync() }
+            if inner.manual || inner.holds > 0 {
+                Vec::new()
+            } else {
+                inner.sync()
+            }
         };
         run(completions);
     }

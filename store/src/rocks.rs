@@ -38,11 +38,15 @@ pub struct RocksOptions {
     pub queue_len_max: usize,
     /// Events in one group commit, at most.
     pub group_events_max: usize,
+    /// When the previous group held several appends (the store is busy), how long the writer
+    /// may wait for more appends before syncing, in microseconds, like PostgreSQL's
+    /// `commit_delay`. An idle store never waits. 0 turns it off.
+    pub group_delay_us: u64,
 }
 
 impl Default for RocksOptions {
     fn default() -> Self {
-        RocksOptions { max_open_files: 256, queue_len_max: 8192, group_events_max: 4096 }
+        RocksOptions { max_open_files: 256, queue_len_max: 8192, group_events_max: 4096, group_delay_us: 200 }
     }
 }
 
@@ -69,9 +73,8 @@ impl RocksStore {
         db_options.set_max_open_files(options.max_open_files);
         db_options.set_paranoid_checks(true);
         db_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let families = [CF_EVENTS, CF_IDS, CF_META]
-            .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, db_options.clone()));
+        let families =
+            [CF_EVENTS, CF_IDS, CF_META].into_iter().map(|name| ColumnFamilyDescriptor::new(name, db_options.clone()));
         let db = DB::open_cf_descriptors(&db_options, path, families)
             .map_err(|e| StoreError::Failed(format!("open {}: {e}", path.display())))?;
         let db = Arc::new(db);
@@ -82,7 +85,7 @@ impl RocksStore {
             let (db, stats, gate) = (db.clone(), stats.clone(), gate.clone());
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || write_groups(&db, &inbox, &stats, &gate, options.group_events_max))
+                .spawn(move || write_groups(&db, &inbox, &stats, &gate, &options))
                 .map_err(|e| StoreError::Failed(format!("spawn writer: {e}")))?
         };
         Ok(RocksStore { db, queue: Some(queue), writer: Some(writer), stats, gate })
@@ -125,19 +128,17 @@ fn write_groups(
     inbox: &Receiver<(WriteBatch, Completion)>,
     stats: &Counters,
     gate: &Mutex<()>,
-    group_events_max: usize,
+    options: &RocksOptions,
 ) {
-    let (events_cf, ids_cf, meta_cf) = (
-        db.cf_handle(CF_EVENTS).expect("cf"),
-        db.cf_handle(CF_IDS).expect("cf"),
-        db.cf_handle(CF_META).expect("cf"),
-    );
+    let (events_cf, ids_cf, meta_cf) =
+        (db.cf_handle(CF_EVENTS).expect("cf"), db.cf_handle(CF_IDS).expect("cf"), db.cf_handle(CF_META).expect("cf"));
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
+    let mut previous_group_len = 0;
     while let Ok(first) = inbox.recv() {
         let mut group = vec![first];
         let mut events = group[0].0.events.len();
-        while events < group_events_max {
+        while events < options.group_events_max {
             match inbox.try_recv() {
                 Ok(next) => {
                     events += next.0.events.len();
@@ -146,6 +147,10 @@ fn write_groups(
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        if previous_group_len > 1 && options.group_delay_us > 0 {
+            wait_for_more(inbox, &mut group, &mut events, previous_group_len, options);
+        }
+        previous_group_len = group.len();
         let mut batch = rocksdb::WriteBatch::default();
         for (writes, _) in &group {
             for event in &writes.events {
@@ -168,6 +173,29 @@ fn write_groups(
         stats.events.fetch_add(events as u64, Ordering::Relaxed);
         for (_, done) in group {
             done(result.clone());
+        }
+    }
+}
+
+/// Under load, lets the appenders that the previous group suggests are coming join this one:
+/// waits until the group is as large as the previous one, or `group_delay_us` has passed.
+#[allow(clippy::disallowed_methods)] // The store's writer thread is I/O code: it may read time.
+fn wait_for_more(
+    inbox: &Receiver<(WriteBatch, Completion)>,
+    group: &mut Vec<(WriteBatch, Completion)>,
+    events: &mut usize,
+    target: usize,
+    options: &RocksOptions,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_micros(options.group_delay_us);
+    while group.len() < target && *events < options.group_events_max {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match inbox.recv_timeout(left) {
+            Ok(next) => {
+                *events += next.0.events.len();
+                group.push(next);
+            }
+            Err(_) => return,
         }
     }
 }
@@ -204,7 +232,7 @@ impl Store for RocksStore {
                 break;
             }
         }
-        if direction == Direction::Reverse {
+        if matches!(direction, Direction::Reverse) {
             events.reverse();
         }
         Ok(events)
@@ -214,7 +242,8 @@ impl Store for RocksStore {
         let mut options = ReadOptions::default();
         options.set_iterate_lower_bound(event_key(stream, Version(0)));
         let upper = event_key(stream, Version(u64::MAX));
-        let mut iter = self.db.iterator_cf_opt(self.cf(CF_EVENTS), options, IteratorMode::From(&upper, Direction::Reverse));
+        let mut iter =
+            self.db.iterator_cf_opt(self.cf(CF_EVENTS), options, IteratorMode::From(&upper, Direction::Reverse));
         match iter.next() {
             None => Ok(Version::ZERO),
             Some(Err(e)) => Err(StoreError::Failed(format!("head of {stream}: {e}"))),
@@ -231,7 +260,8 @@ impl Store for RocksStore {
             .get_cf(self.cf(CF_IDS), key(stream, &id.0.to_be_bytes()))
             .map_err(|e| StoreError::Failed(format!("find in {stream}: {e}")))?;
         let Some(version) = found else { return Ok(None) };
-        let version: [u8; 8] = version.as_slice().try_into().map_err(|_| StoreError::Corrupt("id index value".into()))?;
+        let version: [u8; 8] =
+            version.as_slice().try_into().map_err(|_| StoreError::Corrupt("id index value".into()))?;
         let value = self
             .db
             .get_cf(self.cf(CF_EVENTS), event_key(stream, Version(u64::from_be_bytes(version))))

@@ -72,7 +72,8 @@ pub fn verify(secret: &[u8], token: &str, now_secs: u64) -> Result<Claims, AuthE
         return Err(AuthError::Malformed);
     }
     let mut parts = token.split('.');
-    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(AuthError::Malformed);
     };
     let decode = |part: &str| URL_SAFE_NO_PAD.decode(part).map_err(|_| AuthError::Malformed);
@@ -121,7 +122,11 @@ mod tests {
         check("", Err(AuthError::Malformed));
         check("a.b", Err(AuthError::Malformed));
         check(&format!("{good}.x"), Err(AuthError::Malformed));
-        let unsigned = format!("{}.{}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(r#"{"sub":"alice","exp":9999999999}"#));
+        let unsigned = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode(r#"{"sub":"alice","exp":9999999999}"#)
+        );
         check(&unsigned, Err(AuthError::BadSignature));
         check(&forge(r#"{"alg":"HS512"}"#, r#"{"sub":"alice","exp":9999999999}"#, b"s"), Err(AuthError::BadSignature));
         check(&forge(r#"{"alg":"HS256"}"#, r#"{"sub":"alice"}"#, b"s"), Err(AuthError::Malformed));

@@ -78,7 +78,8 @@ pub fn sync(reply: &SyncReply) -> Value {
         "unread": unread(&reply.unread),
     });
     if let Some(snapshot) = &reply.snapshot {
-        body["feed"] = json!({ "events": snapshot.feed.iter().map(event).collect::<Vec<_>>(), "head": snapshot.feed_head.0 });
+        body["feed"] =
+            json!({ "events": snapshot.feed.iter().map(event).collect::<Vec<_>>(), "head": snapshot.feed_head.0 });
         body["chats"] = chats(&snapshot.chats);
     }
     if reply.reset {

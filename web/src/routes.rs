@@ -124,8 +124,11 @@ impl<B: Backend> Call<'_, B> {
     }
 
     fn claims(&self) -> Result<Claims, ApiError> {
-        let header = self.authorization.ok_or_else(|| ApiError::unauthorized("an Authorization: Bearer token is required"))?;
-        let token = header.strip_prefix("Bearer ").ok_or_else(|| ApiError::unauthorized("use Authorization: Bearer <token>"))?;
+        let header =
+            self.authorization.ok_or_else(|| ApiError::unauthorized("an Authorization: Bearer token is required"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| ApiError::unauthorized("use Authorization: Bearer <token>"))?;
         Ok(auth::verify(&self.config.jwt_secret, token.trim(), self.now_secs())?)
     }
 
@@ -182,7 +185,9 @@ impl<B: Backend> Call<'_, B> {
                 let body: Body = parse_body(&self.body)?;
                 Request::MarkRead { user, peer: user_segment(peer)?, version: Version(body.version) }
             }
-            (Route::Chats, _) => Request::Chats { user, before_ms: number(q, "before", 0, u64::MAX)?, limit: limit(q, "limit")? },
+            (Route::Chats, _) => {
+                Request::Chats { user, before_ms: number(q, "before", 0, u64::MAX)?, limit: limit(q, "limit")? }
+            }
             (Route::Flirts(target), _) => self.feed_post(user, target, FeedKind::Flirt)?,
             (Route::Visits(target), _) => self.feed_post(user, target, FeedKind::Visit)?,
             (Route::Feed, _) => Request::Feed { user, before: before(q)?, limit: limit(q, "limit")? },
@@ -244,10 +249,13 @@ fn service(claims: &Claims) -> Result<(), ApiError> {
 
 fn answer(reply: Reply) -> Result<Answer, ApiError> {
     Ok(match reply {
-        Reply::Appended { event, created } => json(if created { 201 } else { 200 }, &json!({ "event": render::event(&event) })),
-        Reply::AppendedAll { events, created } => {
-            json(if created { 201 } else { 200 }, &json!({ "events": events.iter().map(render::event).collect::<Vec<_>>() }))
+        Reply::Appended { event, created } => {
+            json(if created { 201 } else { 200 }, &json!({ "event": render::event(&event) }))
         }
+        Reply::AppendedAll { events, created } => json(
+            if created { 201 } else { 200 },
+            &json!({ "events": events.iter().map(render::event).collect::<Vec<_>>() }),
+        ),
         Reply::Page { events, head } => Answer::Json(200, render::page(&events, head.0)),
         Reply::Chats(chats) => json(200, &json!({ "chats": render::chats(&chats) })),
         Reply::Sync(sync) => json(200, &render::sync(&sync)),

@@ -80,19 +80,32 @@ impl AllowNet {
             v4 => v4,
         };
         match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => masked(u32::from(net).into(), 32, self.prefix) == masked(u32::from(ip).into(), 32, self.prefix),
-            (IpAddr::V6(net), IpAddr::V6(ip)) => masked(u128::from(net), 128, self.prefix) == masked(u128::from(ip), 128, self.prefix),
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), 32, self.prefix) == masked(u32::from(ip).into(), 32, self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(u128::from(net), 128, self.prefix) == masked(u128::from(ip), 128, self.prefix)
+            }
             _ => false,
         }
     }
 }
 
 fn masked(bits: u128, width: u8, prefix: u8) -> u128 {
-    if prefix == 0 { 0 } else { bits >> (width - prefix) }
+    if prefix == 0 {
+        0
+    } else {
+        bits >> (width - prefix)
+    }
 }
 
 /// Serves HTTP on `listener` until `shutdown` completes.
-pub async fn run<B: Backend>(listener: TcpListener, backend: Arc<B>, config: WebConfig, shutdown: impl Future<Output = ()>) {
+pub async fn run<B: Backend>(
+    listener: TcpListener,
+    backend: Arc<B>,
+    config: WebConfig,
+    shutdown: impl Future<Output = ()>,
+) {
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.connections_max));
     tokio::pin!(shutdown);
@@ -132,8 +145,18 @@ pub async fn run<B: Backend>(listener: TcpListener, backend: Arc<B>, config: Web
     }
 }
 
-async fn handle<B: Backend>(backend: &B, config: &WebConfig, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    let origin = request.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).filter(|o| allowed_origin(config, o)).map(str::to_owned);
+async fn handle<B: Backend>(
+    backend: &B,
+    config: &WebConfig,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .filter(|o| allowed_origin(config, o))
+        .map(str::to_owned);
     let mut response = match respond(backend, config, peer, request).await {
         Ok(response) => response,
         Err(error) => error_response(&error),
@@ -147,7 +170,12 @@ async fn handle<B: Backend>(backend: &B, config: &WebConfig, peer: SocketAddr, r
     response
 }
 
-async fn respond<B: Backend>(backend: &B, config: &WebConfig, peer: SocketAddr, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn respond<B: Backend>(
+    backend: &B,
+    config: &WebConfig,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let (route, methods) = routes::resolve(request.uri().path()).ok_or_else(ApiError::not_found)?;
     let method = request.method().clone();
     if method == Method::OPTIONS {
@@ -169,9 +197,19 @@ async fn respond<B: Backend>(backend: &B, config: &WebConfig, peer: SocketAddr, 
     })
 }
 
+/// Largest oversized body we read to the end before answering 413.
+const DRAIN_BYTES_MAX: u64 = 1024 * 1024;
+
 async fn read_body(config: &WebConfig, request: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > config.body_bytes_max as u64) {
+        // Read (and drop) a moderately oversized body so the client, still sending it, gets
+        // to read our 413 instead of a broken pipe; a huge one is refused at once.
+        if declared.is_some_and(|len| len <= DRAIN_BYTES_MAX) {
+            let drain = Limited::new(request.into_body(), DRAIN_BYTES_MAX as usize).collect();
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        }
         return Err(ApiError::too_large());
     }
     let limited = Limited::new(request.into_body(), config.body_bytes_max);

@@ -45,32 +45,96 @@ pub struct NewEvent {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    PostMessage { user: String, peer: String, id: Option<EventId>, text: String },
-    Messages { user: String, peer: String, before: Option<Version>, limit: usize },
-    Typing { user: String, peer: String },
-    MarkRead { user: String, peer: String, version: Version },
-    Chats { user: String, before_ms: Option<u64>, limit: usize },
-    PostFeed { user: String, target: String, id: Option<EventId>, kind: FeedKind },
-    Feed { user: String, before: Option<Version>, limit: usize },
+    PostMessage {
+        user: String,
+        peer: String,
+        id: Option<EventId>,
+        text: String,
+    },
+    Messages {
+        user: String,
+        peer: String,
+        before: Option<Version>,
+        limit: usize,
+    },
+    Typing {
+        user: String,
+        peer: String,
+    },
+    MarkRead {
+        user: String,
+        peer: String,
+        version: Version,
+    },
+    Chats {
+        user: String,
+        before_ms: Option<u64>,
+        limit: usize,
+    },
+    PostFeed {
+        user: String,
+        target: String,
+        id: Option<EventId>,
+        kind: FeedKind,
+    },
+    Feed {
+        user: String,
+        before: Option<Version>,
+        limit: usize,
+    },
     /// `since` is the cursor text as the client sent it.
-    Sync { user: String, since: Option<String>, timeout_ms: u64 },
-    Online { limit: usize },
-    Flags { user: String },
-    SetFlag { name: String, percent: u8, from: String },
-    StreamAppend { stream: StreamName, events: Vec<NewEvent>, from: String },
-    StreamRead { stream: StreamName, after: Option<Version>, before: Option<Version>, limit: usize, wait_ms: u64 },
+    Sync {
+        user: String,
+        since: Option<String>,
+        timeout_ms: u64,
+    },
+    Online {
+        limit: usize,
+    },
+    Flags {
+        user: String,
+    },
+    SetFlag {
+        name: String,
+        percent: u8,
+        from: String,
+    },
+    StreamAppend {
+        stream: StreamName,
+        events: Vec<NewEvent>,
+        from: String,
+    },
+    StreamRead {
+        stream: StreamName,
+        after: Option<Version>,
+        before: Option<Version>,
+        limit: usize,
+        wait_ms: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
     /// One event appended (`created`) or found by its id (not `created`).
-    Appended { event: Event, created: bool },
+    Appended {
+        event: Event,
+        created: bool,
+    },
     /// Many events appended as a whole; `created` if any of them was new.
-    AppendedAll { events: Vec<Event>, created: bool },
-    Page { events: Vec<Event>, head: Version },
+    AppendedAll {
+        events: Vec<Event>,
+        created: bool,
+    },
+    Page {
+        events: Vec<Event>,
+        head: Version,
+    },
     Chats(Vec<ChatSummary>),
     Sync(SyncReply),
-    Online { users: Vec<String>, total: usize },
+    Online {
+        users: Vec<String>,
+        total: usize,
+    },
     Flags(BTreeMap<String, bool>),
     Done,
     Error(CoreError),

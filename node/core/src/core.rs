@@ -102,7 +102,11 @@ enum Then {
     /// The message is durable: append its inbox copies, then reply.
     CopyToInboxes(RequestId),
     /// The inbox copies are durable: reply with the message (if anyone asked).
-    Copied { request: Option<RequestId>, message: Event, created: bool },
+    Copied {
+        request: Option<RequestId>,
+        message: Event,
+        created: bool,
+    },
 }
 
 enum Wait {
@@ -159,7 +163,11 @@ impl NodeCore {
         for (key, _) in markers {
             let (stream, version) = parse_copy_marker(&key).ok_or_else(|| StoreError::Corrupt("copy marker".into()))?;
             let range = ReadRange::After { after: Version(version.0 - 1), limit: 1 };
-            let message = core.store.read(&stream, range)?.pop().ok_or_else(|| StoreError::Corrupt(format!("marker for missing {stream}/{version}")))?;
+            let message = core
+                .store
+                .read(&stream, range)?
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt(format!("marker for missing {stream}/{version}")))?;
             core.copy_to_inboxes(now_ms, None, message, false);
         }
         Ok(core)
@@ -228,7 +236,9 @@ impl NodeCore {
                 Ok(Some(Reply::Done))
             }
             Request::MarkRead { user, peer, version } => self.mark_read(now_ms, request, user, peer, version),
-            Request::Chats { user, before_ms, limit } => Ok(Some(Reply::Chats(self.summary(&user)?.chats(before_ms, limit)))),
+            Request::Chats { user, before_ms, limit } => {
+                Ok(Some(Reply::Chats(self.summary(&user)?.chats(before_ms, limit))))
+            }
             Request::PostFeed { user, target, id, kind } => {
                 check_user(&target)?;
                 let item = self.item(now_ms, social::feed_stream(&target), id, kind.event_type(), &user, "{}".into());
@@ -239,9 +249,18 @@ impl NodeCore {
             Request::Flags { user } => Ok(Some(Reply::Flags(self.flags()?.evaluate(&user)))),
             Request::SetFlag { name, percent, from } => {
                 if !social::valid_flag_name(&name) || percent > 100 {
-                    return Err(CoreError::BadRequest("flag names are 1-64 of A-Z a-z 0-9 _ - . and percent 0..100".into()));
+                    return Err(CoreError::BadRequest(
+                        "flag names are 1-64 of A-Z a-z 0-9 _ - . and percent 0..100".into(),
+                    ));
                 }
-                let item = self.item(now_ms, social::flags_stream(), None, social::TYPE_FLAG_SET, &from, social::flag_set_data(&name, percent));
+                let item = self.item(
+                    now_ms,
+                    social::flags_stream(),
+                    None,
+                    social::TYPE_FLAG_SET,
+                    &from,
+                    social::flag_set_data(&name, percent),
+                );
                 self.submit(now_ms, vec![item], Then::ReplyDone(request))
             }
             Request::StreamAppend { stream, events, from } => self.stream_append(now_ms, request, stream, events, from),
@@ -258,7 +277,15 @@ impl NodeCore {
         }
     }
 
-    fn post_message(&mut self, now_ms: u64, request: RequestId, user: String, peer: String, id: Option<EventId>, text: String) -> Answer {
+    fn post_message(
+        &mut self,
+        now_ms: u64,
+        request: RequestId,
+        user: String,
+        peer: String,
+        id: Option<EventId>,
+        text: String,
+    ) -> Answer {
         check_peer(&user, &peer)?;
         let chars = text.chars().count();
         if chars == 0 || chars > TEXT_CHARS_MAX {
@@ -283,7 +310,14 @@ impl NodeCore {
         self.submit(now_ms, vec![item], Then::ReplyDone(request))
     }
 
-    fn stream_append(&mut self, now_ms: u64, request: RequestId, stream: StreamName, events: Vec<NewEvent>, from: String) -> Answer {
+    fn stream_append(
+        &mut self,
+        now_ms: u64,
+        request: RequestId,
+        stream: StreamName,
+        events: Vec<NewEvent>,
+        from: String,
+    ) -> Answer {
         if social::reserved_kind(&stream) {
             return Err(CoreError::Forbidden(format!("{stream} changes only through its own routes")));
         }
@@ -293,11 +327,20 @@ impl NodeCore {
         if events.iter().any(|e| e.kind.is_empty() || e.kind.chars().count() > 64) {
             return Err(CoreError::BadRequest("event types are 1 to 64 characters".into()));
         }
-        let items = events.into_iter().map(|e| self.item(now_ms, stream.clone(), e.id, &e.kind, &from, e.data)).collect();
+        let items =
+            events.into_iter().map(|e| self.item(now_ms, stream.clone(), e.id, &e.kind, &from, e.data)).collect();
         self.submit(now_ms, items, Then::ReplyAll(request))
     }
 
-    fn item(&mut self, now_ms: u64, stream: StreamName, id: Option<EventId>, kind: &str, from: &str, data: String) -> Item {
+    fn item(
+        &mut self,
+        now_ms: u64,
+        stream: StreamName,
+        id: Option<EventId>,
+        kind: &str,
+        from: &str,
+        data: String,
+    ) -> Item {
         let id = id.unwrap_or_else(|| EventId::from_parts(now_ms, self.random_u128()));
         Item { stream, id, kind: kind.into(), from: from.into(), data }
     }
@@ -324,8 +367,9 @@ impl NodeCore {
         let mut fresh: Vec<Event> = Vec::new();
         for item in items {
             let slot = (item.stream.clone(), item.id, None);
-            if job.slots.iter().any(|(s, id, _)| *s == item.stream && *id == item.id) {
-                job.slots.push(slot); // The same id twice in one request: one event.
+            if let Some(earlier) = job.slots.iter().find(|(s, id, _)| *s == item.stream && *id == item.id) {
+                let earlier = earlier.2.clone(); // The same id twice in one request: one event.
+                job.slots.push((item.stream, item.id, earlier));
                 continue;
             }
             self.cache_stream(&item.stream)?;
@@ -360,7 +404,9 @@ impl NodeCore {
             job.created = true;
             job.waiting.insert(batch_id);
             let meta = match &job.then {
-                Then::CopyToInboxes(_) => fresh.iter().map(|m| (copy_marker(&m.stream, m.version), Some(Vec::new()))).collect(),
+                Then::CopyToInboxes(_) => {
+                    fresh.iter().map(|m| (copy_marker(&m.stream, m.version), Some(Vec::new()))).collect()
+                }
                 Then::Copied { message, .. } => vec![(copy_marker(&message.stream, message.version), None)],
                 _ => Vec::new(),
             };
@@ -385,8 +431,13 @@ impl NodeCore {
         }
         if self.streams.len() >= self.config.streams_cached_max {
             // Forget idle streams; their heads are on disk.
-            let idle: Vec<StreamName> =
-                self.streams.iter().filter(|(_, s)| s.pending.is_empty()).map(|(n, _)| n.clone()).take(self.streams.len() / 4 + 1).collect();
+            let idle: Vec<StreamName> = self
+                .streams
+                .iter()
+                .filter(|(_, s)| s.pending.is_empty())
+                .map(|(n, _)| n.clone())
+                .take(self.streams.len() / 4 + 1)
+                .collect();
             for name in idle {
                 self.streams.remove(&name);
             }
@@ -396,11 +447,11 @@ impl NodeCore {
         Ok(())
     }
 
-    fn head(&mut self, stream: &StreamName) -> Result<Version, CoreError> {
-        match self.streams.get(stream) {
-            Some(state) => Ok(state.head),
-            None => self.store.head(stream).map_err(unavailable),
-        }
+    /// The durable head, as readers see it. (The cached head in `streams` can trail it for
+    /// the moment between a batch becoming durable and `persisted`; a cursor or read marker
+    /// built from what a reader saw must not be judged against that.)
+    fn head(&self, stream: &StreamName) -> Result<Version, CoreError> {
+        self.store.head(stream).map_err(unavailable)
     }
 
     /// A batch handed out by `Output::Persist` is durable (or failed).
@@ -451,7 +502,8 @@ impl NodeCore {
 
     fn finish(&mut self, now_ms: u64, job: Job) {
         let created = job.created;
-        let mut events: Vec<Event> = job.slots.into_iter().map(|(_, _, e)| e.expect("every slot of a finished job is durable")).collect();
+        let mut events: Vec<Event> =
+            job.slots.into_iter().map(|(_, _, e)| e.expect("every slot of a finished job is durable")).collect();
         match job.then {
             Then::ReplyOne(request) => self.reply(request, Reply::Appended { event: events.remove(0), created }),
             Then::ReplyAll(request) => self.reply(request, Reply::AppendedAll { events, created }),
@@ -492,7 +544,14 @@ impl NodeCore {
 
     // ---- sync ----
 
-    fn sync(&mut self, now_ms: u64, request: RequestId, user: String, since: Option<String>, timeout_ms: u64) -> Answer {
+    fn sync(
+        &mut self,
+        now_ms: u64,
+        request: RequestId,
+        user: String,
+        since: Option<String>,
+        timeout_ms: u64,
+    ) -> Answer {
         self.seen(&user, now_ms);
         let Some(text) = since else { return self.fresh_sync(now_ms, &user, false).map(Some) };
         let Some(cursor) = SyncCursor::open(&self.config.cursor_key, &text) else {
@@ -529,19 +588,15 @@ impl NodeCore {
             flags: self.head(&social::flags_stream())?,
             signals_after: self.signal_stamp.max(now_ms * 1000),
         };
-        let Reply::Page { events: feed, head: feed_head } = page(&*self.store, &social::feed_stream(user), None, None, SYNC_FEED_PAGE_LEN)? else {
+        let Reply::Page { events: feed, head: feed_head } =
+            page(&*self.store, &social::feed_stream(user), None, None, SYNC_FEED_PAGE_LEN)?
+        else {
             unreachable!("page answers with a page")
         };
         let cursor = cursor.seal(&self.config.cursor_key);
         let summary = self.summary(user)?;
         let snapshot = Snapshot { feed, feed_head, chats: summary.chats(None, 50) };
-        Ok(Reply::Sync(SyncReply {
-            cursor,
-            items: vec![],
-            unread: summary.unread(),
-            snapshot: Some(snapshot),
-            reset,
-        }))
+        Ok(Reply::Sync(SyncReply { cursor, items: vec![], unread: summary.unread(), snapshot: Some(snapshot), reset }))
     }
 
     fn sync_timeout(&mut self, user: &str, text: String) -> Result<Reply, CoreError> {
@@ -553,20 +608,25 @@ impl NodeCore {
     fn sync_answer(&mut self, now_ms: u64, user: &str, cursor: &SyncCursor) -> Result<Option<Reply>, CoreError> {
         let mut next = cursor.clone();
         let mut items = Vec::new();
-        let inbox = self.store.read(&social::inbox_stream(user), ReadRange::After { after: cursor.inbox, limit: PAGE_LEN_MAX }).map_err(unavailable)?;
+        let inbox = self
+            .store
+            .read(&social::inbox_stream(user), ReadRange::After { after: cursor.inbox, limit: PAGE_LEN_MAX })
+            .map_err(unavailable)?;
         for event in inbox {
             next.inbox = event.version;
             match event.kind.as_str() {
                 social::TYPE_MESSAGE => items.extend(social::unwrap_inbox_copy(&event).map(SyncItem::Event)),
-                social::TYPE_READ => {
-                    items.extend(social::parse_read_marker(&event).map(|(peer, version)| SyncItem::Read { peer, version }))
-                }
+                social::TYPE_READ => items
+                    .extend(social::parse_read_marker(&event).map(|(peer, version)| SyncItem::Read { peer, version })),
                 _ => items.push(SyncItem::Event(event)),
             }
         }
         let room = PAGE_LEN_MAX - items.len().min(PAGE_LEN_MAX);
         if room > 0 {
-            let feed = self.store.read(&social::feed_stream(user), ReadRange::After { after: cursor.feed, limit: room }).map_err(unavailable)?;
+            let feed = self
+                .store
+                .read(&social::feed_stream(user), ReadRange::After { after: cursor.feed, limit: room })
+                .map_err(unavailable)?;
             if let Some(last) = feed.last() {
                 next.feed = last.version;
             }
@@ -672,7 +732,9 @@ impl NodeCore {
     fn expire(&mut self, now_ms: u64, request: RequestId) {
         let reply = match self.unwait(now_ms, request).expect("deadlines belong to waits") {
             Wait::Sync { user, text, .. } => self.sync_timeout(&user, text).unwrap_or_else(Reply::Error),
-            Wait::Stream { stream, after, limit } => page(&*self.store, &stream, Some(after), None, limit).unwrap_or_else(Reply::Error),
+            Wait::Stream { stream, after, limit } => {
+                page(&*self.store, &stream, Some(after), None, limit).unwrap_or_else(Reply::Error)
+            }
         };
         self.reply(request, reply);
     }
@@ -728,7 +790,10 @@ impl NodeCore {
         let summary = self.summaries.entry(user.to_owned()).or_default();
         let inbox = social::inbox_stream(user);
         loop {
-            let events = self.store.read(&inbox, ReadRange::After { after: summary.applied, limit: PAGE_LEN_MAX }).map_err(unavailable)?;
+            let events = self
+                .store
+                .read(&inbox, ReadRange::After { after: summary.applied, limit: PAGE_LEN_MAX })
+                .map_err(unavailable)?;
             if events.is_empty() {
                 break;
             }
@@ -803,7 +868,9 @@ pub fn read_only(store: &dyn Store, request: &Request) -> Option<Reply> {
             check_peer(user, peer).and_then(|()| page(store, &social::chat_stream(user, peer), None, *before, *limit))
         }
         Request::Feed { user, before, limit } => page(store, &social::feed_stream(user), None, *before, *limit),
-        Request::StreamRead { stream, after, before, limit, wait_ms: 0 } => page(store, stream, *after, *before, *limit),
+        Request::StreamRead { stream, after, before, limit, wait_ms: 0 } => {
+            page(store, stream, *after, *before, *limit)
+        }
         _ => return None,
     };
     Some(answer.unwrap_or_else(Reply::Error))
@@ -811,7 +878,13 @@ pub fn read_only(store: &dyn Store, request: &Request) -> Option<Reply> {
 
 /// A page of committed events: after `after`, or before `before` (the newest page when
 /// neither is given). Pure over the store, so the driver may also call it outside the core.
-pub fn page(store: &dyn Store, stream: &StreamName, after: Option<Version>, before: Option<Version>, limit: usize) -> Result<Reply, CoreError> {
+pub fn page(
+    store: &dyn Store,
+    stream: &StreamName,
+    after: Option<Version>,
+    before: Option<Version>,
+    limit: usize,
+) -> Result<Reply, CoreError> {
     let range = match after {
         Some(after) => ReadRange::After { after, limit },
         None => ReadRange::Before { before, limit },

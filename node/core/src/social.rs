@@ -16,7 +16,8 @@ pub const FLAG_NAME_LEN_MAX: usize = 64;
 
 /// `sub` claims and path segments naming users: 1-64 of `[A-Za-z0-9_-]`.
 pub fn valid_user(user: &str) -> bool {
-    (1..=USER_ID_LEN_MAX).contains(&user.len()) && user.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=USER_ID_LEN_MAX).contains(&user.len())
+        && user.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 pub fn valid_flag_name(name: &str) -> bool {
@@ -208,7 +209,9 @@ impl Flags {
             return;
         }
         let Ok(value) = serde_json::from_str::<Value>(&event.data) else { return };
-        let (Some(name), Some(percent)) = (value.get("name").and_then(Value::as_str), value.get("percent").and_then(Value::as_u64)) else {
+        let (Some(name), Some(percent)) =
+            (value.get("name").and_then(Value::as_str), value.get("percent").and_then(Value::as_u64))
+        else {
             return;
         };
         self.percent.insert(name.to_owned(), percent.min(100) as u8);

@@ -13,7 +13,8 @@ fn node() -> (tempfile::TempDir, Node) {
 }
 
 fn send(node: &Node, token: &str, peer: &str, text: &str) -> Value {
-    let (status, body) = node.post(&format!("/v1/chats/{peer}/messages"), Some(token), &json!({ "text": text }).to_string());
+    let (status, body) =
+        node.post(&format!("/v1/chats/{peer}/messages"), Some(token), &json!({ "text": text }).to_string());
     assert_eq!(status, 201, "{body}");
     body["event"].clone()
 }
@@ -43,11 +44,15 @@ fn chat_messages_unread_counts_and_read_markers() {
     let (status, first) = node.post("/v1/chats/bob/messages", Some(&alice), &body);
     assert_eq!(status, 201, "{first}");
     let event = &first["event"];
-    assert_eq!((event["id"].as_str(), event["stream"].as_str(), event["version"].as_u64()), (Some(id.as_str()), Some("chat:alice:bob"), Some(1)));
+    assert_eq!(
+        (event["id"].as_str(), event["stream"].as_str(), event["version"].as_u64()),
+        (Some(id.as_str()), Some("chat:alice:bob"), Some(1))
+    );
     assert_eq!((event["type"].as_str(), event["from"].as_str()), (Some("chat.message"), Some("alice")));
     assert_eq!(event["data"], json!({ "text": "hi bob" }));
     // The same id again, whatever the body: 200 with the stored event.
-    let (status, again) = node.post("/v1/chats/bob/messages", Some(&alice), &json!({ "id": id, "text": "other" }).to_string());
+    let (status, again) =
+        node.post("/v1/chats/bob/messages", Some(&alice), &json!({ "id": id, "text": "other" }).to_string());
     assert_eq!((status, &again["event"]), (200, event));
 
     let next = sync(&node, &bob, fresh["cursor"].as_str(), 5);
@@ -120,7 +125,10 @@ fn sync_wakes_within_50ms_of_an_append_and_carries_typing() {
     let typed = waiting.join().unwrap();
     assert!(started.elapsed() < Duration::from_secs(1));
     let item = &typed["events"][0];
-    assert_eq!((item["type"].as_str(), item["from"].as_str(), item.get("version")), (Some("chat.typing"), Some("alice"), None));
+    assert_eq!(
+        (item["type"].as_str(), item["from"].as_str(), item.get("version")),
+        (Some("chat.typing"), Some("alice"), None)
+    );
     let (_, history) = node.get("/v1/chats/alice/messages", Some(&bob));
     assert_eq!(history["head"], 1, "typing is never stored");
     // The signal is not delivered twice from the cursor that carried it.
@@ -134,13 +142,19 @@ fn feed_presence_and_flags() {
     let (alice, bob) = (node.token("alice"), node.token("bob"));
     let (status, flirt) = node.post("/v1/users/bob/flirts", Some(&alice), "{}");
     assert_eq!(status, 201, "{flirt}");
-    assert_eq!((flirt["event"]["type"].as_str(), flirt["event"]["stream"].as_str()), (Some("feed.flirt"), Some("feed:bob")));
+    assert_eq!(
+        (flirt["event"]["type"].as_str(), flirt["event"]["stream"].as_str()),
+        (Some("feed.flirt"), Some("feed:bob"))
+    );
     let id = ulid();
     assert_eq!(node.post("/v1/users/bob/visits", Some(&alice), &json!({ "id": id }).to_string()).0, 201);
     assert_eq!(node.post("/v1/users/bob/visits", Some(&alice), &json!({ "id": id }).to_string()).0, 200);
     let (_, feed) = node.get("/v1/feed", Some(&bob));
     assert_eq!(feed["head"], 2);
-    assert_eq!(feed["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect::<Vec<_>>(), ["feed.flirt", "feed.visit"]);
+    assert_eq!(
+        feed["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["feed.flirt", "feed.visit"]
+    );
     let (_, older) = node.get("/v1/feed?before=2&limit=1", Some(&bob));
     assert_eq!(older["events"][0]["version"], 1);
     let fresh = sync(&node, &bob, None, 0);
@@ -166,12 +180,18 @@ fn generic_streams_for_services() {
     let service = mint("backend", 60, true);
     let user = node.token("alice");
     let ids = [ulid(), ulid()];
-    let body = json!([{ "id": ids[0], "type": "order.placed", "data": { "n": 1 } }, { "id": ids[1], "type": "order.paid" }]).to_string();
+    let body =
+        json!([{ "id": ids[0], "type": "order.placed", "data": { "n": 1 } }, { "id": ids[1], "type": "order.paid" }])
+            .to_string();
     let (status, appended) = node.post("/v1/streams/orders:7/events", Some(&service), &body);
     assert_eq!(status, 201, "{appended}");
     assert_eq!(appended["events"][1]["version"], 2);
     assert_eq!(appended["events"][0]["data"], json!({ "n": 1 }));
     assert_eq!(node.post("/v1/streams/orders:7/events", Some(&service), &body).0, 200, "all known: 200");
+    // The same known id twice in one request: both answers are the stored event.
+    let twice = json!([{ "id": ids[0], "type": "x" }, { "id": ids[0], "type": "x" }]).to_string();
+    let (status, both) = node.post("/v1/streams/orders:7/events", Some(&service), &twice);
+    assert_eq!((status, &both["events"][0], &both["events"][1]), (200, &appended["events"][0], &appended["events"][0]));
     assert_eq!(node.post("/v1/streams/orders:7/events", Some(&user), &body).0, 403);
     for reserved in ["chat:a:b", "inbox:a", "feed:a", "sys:flags"] {
         assert_eq!(node.post(&format!("/v1/streams/{reserved}/events"), Some(&service), &body).0, 403, "{reserved}");
@@ -208,7 +228,10 @@ fn every_error_case_of_the_contract() {
         assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     };
     let expired = mint("alice", -1, false);
-    let forged = web::auth::mint(b"not the secret at all", &web::auth::Claims { sub: "alice".into(), exp: u64::MAX / 2, svc: true });
+    let forged = web::auth::mint(
+        b"not the secret at all",
+        &web::auth::Claims { sub: "alice".into(), exp: u64::MAX / 2, svc: true },
+    );
     check("POST", "/v1/chats/bob/messages", Some(&alice), Some("{not json"), 400, "bad_request");
     check("POST", "/v1/chats/bob/messages", Some(&alice), Some(r#"{"text": 5}"#), 400, "bad_request");
     check("POST", "/v1/chats/bob/messages", Some(&alice), Some(r#"{"id": "nope", "text": "x"}"#), 400, "bad_request");
@@ -217,11 +240,28 @@ fn every_error_case_of_the_contract() {
     check("GET", "/v1/chats", Some(&expired), None, 401, "unauthorized");
     check("GET", "/v1/chats", Some(&forged), None, 401, "unauthorized");
     check("POST", "/v1/chats/alice/messages", Some(&alice), Some(r#"{"text": "me"}"#), 400, "bad_request");
-    check("POST", "/v1/chats/bob/messages", Some(&alice), Some(&json!({ "text": "x".repeat(2001) }).to_string()), 400, "bad_request");
+    check(
+        "POST",
+        "/v1/chats/bob/messages",
+        Some(&alice),
+        Some(&json!({ "text": "x".repeat(2001) }).to_string()),
+        400,
+        "bad_request",
+    );
     check("POST", "/v1/chats/bob/messages", Some(&alice), Some(r#"{"text": ""}"#), 400, "bad_request");
     // 2000 characters of four bytes each: counted in characters, not bytes.
-    assert_eq!(node.post("/v1/chats/bob/messages", Some(&alice), &json!({ "text": "😀".repeat(2000) }).to_string()).0, 201);
-    check("POST", "/v1/chats/bob/messages", Some(&alice), Some(&json!({ "text": "y".repeat(70_000) }).to_string()), 413, "too_large");
+    assert_eq!(
+        node.post("/v1/chats/bob/messages", Some(&alice), &json!({ "text": "😀".repeat(2000) }).to_string()).0,
+        201
+    );
+    check(
+        "POST",
+        "/v1/chats/bob/messages",
+        Some(&alice),
+        Some(&json!({ "text": "y".repeat(70_000) }).to_string()),
+        413,
+        "too_large",
+    );
     check("GET", "/v1/nowhere", None, None, 404, "not_found");
     check("GET", "/v1/nowhere", Some(&alice), None, 404, "not_found");
     check("DELETE", "/v1/chats", Some(&alice), None, 404, "not_found");
@@ -254,7 +294,12 @@ fn long_polls_are_capped_with_retry_after() {
     let holders: Vec<_> = (0..2)
         .map(|_| {
             let (url, token, cursor) = (node.url.clone(), token.clone(), cursor.clone());
-            std::thread::spawn(move || ureq::get(&format!("{url}/v1/sync?since={cursor}&timeout=3")).set("Authorization", &format!("Bearer {token}")).call().map(|r| r.status()))
+            std::thread::spawn(move || {
+                ureq::get(&format!("{url}/v1/sync?since={cursor}&timeout=3"))
+                    .set("Authorization", &format!("Bearer {token}"))
+                    .call()
+                    .map(|r| r.status())
+            })
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
@@ -269,7 +314,13 @@ fn long_polls_are_capped_with_retry_after() {
 #[test]
 fn cors_for_loopback_origins_in_dev() {
     let (_dir, node) = node();
-    let (status, headers, _) = node.raw("OPTIONS", "/v1/chats/bob/messages", None, None, &[("Origin", "http://127.0.0.1:5173"), ("Access-Control-Request-Method", "POST")]);
+    let (status, headers, _) = node.raw(
+        "OPTIONS",
+        "/v1/chats/bob/messages",
+        None,
+        None,
+        &[("Origin", "http://127.0.0.1:5173"), ("Access-Control-Request-Method", "POST")],
+    );
     assert_eq!(status, 204);
     assert_eq!(header(&headers, "access-control-allow-origin"), Some("http://127.0.0.1:5173"));
     assert!(header(&headers, "access-control-allow-methods").unwrap().contains("POST"));
@@ -280,4 +331,25 @@ fn cors_for_loopback_origins_in_dev() {
     assert_eq!(status, 200);
     assert!(header(&headers, "content-type").unwrap().starts_with("text/html"));
     assert!(body.contains("app.js"));
+}
+
+#[test]
+fn griddle_token_mints_tokens_the_node_accepts() {
+    let (_dir, node) = node();
+    let mint = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_griddle")).arg("token").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let user = mint(&["--dev", "--user", "carol", "--ttl", "5m"]);
+    assert_eq!(node.get("/v1/chats", Some(&user)).0, 200);
+    assert_eq!(node.get("/v1/streams/s/events", Some(&user)).0, 403);
+    let service = mint(&["--dev", "--user", "backend", "--svc"]);
+    assert_eq!(node.get("/v1/streams/s/events", Some(&service)).0, 200);
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_griddle"))
+        .args(["token", "--user", "x"])
+        .env_remove("GRIDDLE_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "without --dev a secret must be configured");
 }

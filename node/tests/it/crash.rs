@@ -15,12 +15,18 @@ const STREAMS: usize = 8;
 
 fn metric(node: &Node, name: &str) -> f64 {
     let (_, _, text) = node.raw("GET", "/metrics", None, None, &[]);
-    text.lines().find_map(|line| line.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
 /// Appends one event per request from 64 threads until `stop`; returns the acknowledged ids
 /// per stream and the ids whose outcome is unknown (sent, no answer).
-fn append_until(url: &str, stop: &AtomicBool, per_thread_max: usize) -> (HashMap<String, Vec<String>>, Vec<(String, String)>) {
+fn append_until(
+    url: &str,
+    stop: &AtomicBool,
+    per_thread_max: usize,
+) -> (HashMap<String, Vec<String>>, Vec<(String, String)>) {
     let service = mint("loadgen", 600, true);
     let acked = Arc::new(Mutex::new(HashMap::<String, Vec<String>>::new()));
     let unknown = Arc::new(Mutex::new(Vec::new()));
@@ -35,13 +41,16 @@ fn append_until(url: &str, stop: &AtomicBool, per_thread_max: usize) -> (HashMap
                         return;
                     }
                     let id = ulid();
-                    let body = json!([{ "id": id, "type": "load.event", "data": { "pad": "x".repeat(150) } }]).to_string();
+                    let body =
+                        json!([{ "id": id, "type": "load.event", "data": { "pad": "x".repeat(150) } }]).to_string();
                     let result = agent
                         .post(&format!("{url}/v1/streams/{stream}/events"))
                         .set("Authorization", &format!("Bearer {service}"))
                         .send_string(&body);
                     match result {
-                        Ok(response) if response.status() == 201 => acked.lock().unwrap().entry(stream.clone()).or_default().push(id),
+                        Ok(response) if response.status() == 201 => {
+                            acked.lock().unwrap().entry(stream.clone()).or_default().push(id)
+                        }
                         Ok(response) => panic!("unexpected status {}", response.status()),
                         Err(_) => {
                             unknown.lock().unwrap().push((stream.clone(), id));
@@ -61,7 +70,8 @@ fn read_all(node: &Node, stream: &str) -> Vec<Value> {
     let service = mint("checker", 600, true);
     let mut events = Vec::new();
     loop {
-        let (status, page) = node.get(&format!("/v1/streams/{stream}/events?after={}&limit=100", events.len()), Some(&service));
+        let (status, page) =
+            node.get(&format!("/v1/streams/{stream}/events?after={}&limit=100", events.len()), Some(&service));
         assert_eq!(status, 200, "{page}");
         let batch = page["events"].as_array().unwrap().clone();
         if batch.is_empty() {
@@ -91,7 +101,11 @@ fn kill_9_during_concurrent_appends_loses_no_acknowledged_event() {
     // Retrying the appends whose outcome was unknown must not duplicate them.
     let service = mint("loadgen", 600, true);
     for (stream, id) in &unknown {
-        let (status, _) = node.post(&format!("/v1/streams/{stream}/events"), Some(&service), &json!([{ "id": id, "type": "load.event" }]).to_string());
+        let (status, _) = node.post(
+            &format!("/v1/streams/{stream}/events"),
+            Some(&service),
+            &json!([{ "id": id, "type": "load.event" }]).to_string(),
+        );
         assert!(status == 200 || status == 201);
     }
     let mut total = 0;
@@ -114,7 +128,8 @@ fn kill_9_during_concurrent_appends_loses_no_acknowledged_event() {
 fn group_commit_shares_wal_syncs_between_64_appenders() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
-    let (appends_before, syncs_before) = (metric(&node, "griddle_store_appends_total"), metric(&node, "griddle_store_wal_syncs_total"));
+    let (appends_before, syncs_before) =
+        (metric(&node, "griddle_store_appends_total"), metric(&node, "griddle_store_wal_syncs_total"));
     let stop = AtomicBool::new(false);
     let (acked, unknown) = append_until(&node.url, &stop, 40);
     assert!(unknown.is_empty());

@@ -1,7 +1,7 @@
 //! Starts real `griddle` processes and talks HTTP to them.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -13,7 +13,6 @@ pub const SECRET: &[u8] = node::config::DEV_SECRET.as_bytes();
 pub struct Node {
     child: Child,
     pub url: String,
-    pub data_dir: PathBuf,
 }
 
 impl Node {
@@ -34,13 +33,14 @@ impl Node {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).expect("read griddle's first line");
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no URL in {line:?}"));
+        let url =
+            line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no URL in {line:?}"));
         let url = url.trim_end_matches('/').to_owned();
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || {
             let _ = stdout.read_to_end(&mut Vec::new());
         });
-        Node { child, url, data_dir: data_dir.to_owned() }
+        Node { child, url }
     }
 
     /// `kill -9`.
@@ -75,7 +75,14 @@ impl Node {
     }
 
     /// Status, headers and body text, whatever the status.
-    pub fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, String) {
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Vec<(String, String)>, String) {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(70)).build();
         let mut request = agent.request(method, &format!("{}{path}", self.url));
         if let Some(token) = token {
@@ -94,7 +101,11 @@ impl Node {
             Err(error) => panic!("{method} {path}: {error}"),
         };
         let status = response.status();
-        let headers = response.headers_names().into_iter().map(|n| (n.clone(), response.header(&n).unwrap_or("").to_owned())).collect();
+        let headers = response
+            .headers_names()
+            .into_iter()
+            .map(|n| (n.clone(), response.header(&n).unwrap_or("").to_owned()))
+            .collect();
         (status, headers, response.into_string().unwrap_or_default())
     }
 }

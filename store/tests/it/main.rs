@@ -137,7 +137,12 @@ fn meta_prefix_scans(backend: &mut dyn Backend) {
     }
     put("b:2", None);
     let keys = |prefix: &str, limit: usize| -> Vec<String> {
-        store.meta_scan(prefix.as_bytes(), limit).unwrap().into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect()
+        store
+            .meta_scan(prefix.as_bytes(), limit)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| String::from_utf8(k).unwrap())
+            .collect()
     };
     assert_eq!(keys("b:", 10), ["b:1", "b:3"]);
     assert_eq!(keys("b:", 1), ["b:1"]);
@@ -174,7 +179,10 @@ fn readers_never_see_unsynced_events(backend: &mut dyn Backend) {
     let (tx, rx) = mpsc::channel();
     backend.with_syncs_held(&mut || {
         let tx = tx.clone();
-        store.append(WriteBatch { events: vec![event("s:a", 2, 2)], meta: vec![] }, Box::new(move |r| tx.send(r).unwrap()));
+        store.append(
+            WriteBatch { events: vec![event("s:a", 2, 2)], meta: vec![] },
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
         std::thread::sleep(Duration::from_millis(50));
         assert!(rx.try_recv().is_err(), "acknowledged before the sync");
         assert_eq!(store.head(&stream("s:a")).unwrap(), Version(1));
@@ -192,9 +200,18 @@ fn batches_are_applied_in_order(backend: &mut dyn Backend) {
     // Many appends in flight at once: each continues the head left by the one before.
     for v in 1..=200u64 {
         let tx = tx.clone();
-        store.append(WriteBatch { events: vec![event("s:a", v, v as u128)], meta: vec![] }, Box::new(move |r| tx.send((v, r)).unwrap()));
+        store.append(
+            WriteBatch { events: vec![event("s:a", v, v as u128)], meta: vec![] },
+            Box::new(move |r| tx.send((v, r)).unwrap()),
+        );
     }
-    let mut acked: Vec<u64> = (0..200).map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap()).map(|(v, r)| { r.unwrap(); v }).collect();
+    let mut acked: Vec<u64> = (0..200)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
+        .map(|(v, r)| {
+            r.unwrap();
+            v
+        })
+        .collect();
     acked.sort_unstable();
     assert_eq!(acked, (1..=200).collect::<Vec<_>>());
     let all = store.read(&stream("s:a"), ReadRange::After { after: Version(0), limit: 500 }).unwrap();
@@ -226,39 +243,33 @@ macro_rules! conformance {
         mod $backend {
             use super::*;
             #[test]
-            fn read_both_directions() { super::read_both_directions(&mut $make) }
+            fn read_both_directions() {
+                super::read_both_directions(&mut $make)
+            }
             #[test]
-            fn find_by_id() { super::find_by_id(&mut $make) }
+            fn find_by_id() {
+                super::find_by_id(&mut $make)
+            }
             #[test]
-            fn meta_prefix_scans(backend: &mut dyn Backend) {
-    let store = backend.store();
-    let put = |key: &str, value: Option<&str>| {
-        let (tx, rx) = mpsc::channel();
-        let meta = vec![(key.as_bytes().to_vec(), value.map(|v| v.as_bytes().to_vec()))];
-        store.append(WriteBatch { events: vec![], meta }, Box::new(move |r| tx.send(r).unwrap()));
-        rx.recv().unwrap().unwrap();
-    };
-    for key in ["a:1", "b:1", "b:2", "b:3", "c:1"] {
-        put(key, Some(key));
-    }
-    put("b:2", None);
-    let keys = |prefix: &str, limit: usize| -> Vec<String> {
-        store.meta_scan(prefix.as_bytes(), limit).unwrap().into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect()
-    };
-    assert_eq!(keys("b:", 10), ["b:1", "b:3"]);
-    assert_eq!(keys("b:", 1), ["b:1"]);
-    assert_eq!(keys("", 10), ["a:1", "b:1", "b:3", "c:1"]);
-    assert_eq!(keys("d", 10), Vec::<String>::new());
-    assert_eq!(store.meta(b"b:3").unwrap(), Some(b"b:3".to_vec()));
-}
-
-fn acknowledged_appends_survive_reopen() { super::acknowledged_appends_survive_reopen(&mut $make) }
+            fn meta_prefix_scans() {
+                super::meta_prefix_scans(&mut $make)
+            }
             #[test]
-            fn readers_never_see_unsynced_events() { super::readers_never_see_unsynced_events(&mut $make) }
+            fn acknowledged_appends_survive_reopen() {
+                super::acknowledged_appends_survive_reopen(&mut $make)
+            }
             #[test]
-            fn batches_are_applied_in_order() { super::batches_are_applied_in_order(&mut $make) }
+            fn readers_never_see_unsynced_events() {
+                super::readers_never_see_unsynced_events(&mut $make)
+            }
             #[test]
-            fn concurrent_appenders_share_syncs() { super::concurrent_appenders_share_syncs(&mut $make) }
+            fn batches_are_applied_in_order() {
+                super::batches_are_applied_in_order(&mut $make)
+            }
+            #[test]
+            fn concurrent_appenders_share_syncs() {
+                super::concurrent_appenders_share_syncs(&mut $make)
+            }
         }
     };
 }
