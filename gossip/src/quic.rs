@@ -1,0 +1,355 @@
+//! The QUIC shell of the mesh: a quinn endpoint, mutually authenticated connections, and one
+//! task that drives [`Membership`] with the packets they carry.
+//!
+//! - One endpoint serves and connects. Every connection is TLS 1.3 with client certificates
+//!   checked against the cluster CA both ways; the peer's node id comes from its certificate
+//!   and every SWIM packet on that connection must claim to be that node.
+//! - SWIM packets travel as QUIC datagrams; a packet larger than the connection's datagram
+//!   limit goes on a uni stream instead.
+//! - A node sends on the connection it opened to the peer's address (opened on first use,
+//!   re-opened when it closed: a restarted peer resets the old one) and reads from every
+//!   connection, its own and the peer's.
+//! - The driver task owns the membership machine; it reads the clock through the function
+//!   it is given, keeps one deadline (the machine's `poll_timeout`), and publishes a view.
+//!
+//! Bounds: the incoming packet queue (`INCOMING_LEN_MAX`, overflow dropped: SWIM tolerates
+//! loss), packets waiting for a connection (`PENDING_LEN_MAX` per peer), stream packets
+//! (`STREAM_BYTES_MAX`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, TransportConfig};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::identity::{Identity, NodeId};
+use crate::membership::{MemberEvent, MemberState, Membership, Profile, Transmit};
+use crate::tls::{self, Credentials, TlsError};
+
+const INCOMING_LEN_MAX: usize = 4096;
+const PENDING_LEN_MAX: usize = 16;
+const STREAM_BYTES_MAX: usize = 64 * 1024;
+
+/// Milliseconds since the Unix epoch; the node owns the clock.
+pub type Clock = fn() -> u64;
+
+pub struct MeshConfig {
+    /// Our identity; `mesh_addr` is what others dial (it may be a proxy), `bind` what we bind.
+    pub identity: Identity,
+    pub bind: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    pub profile: Profile,
+    pub credentials: Credentials,
+    pub clock: Clock,
+    /// Seeds the membership machine's randomness.
+    pub seed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the certificate names node {cert}, but this node is {configured}")]
+    WrongCertificate { cert: NodeId, configured: NodeId },
+    #[error("bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("QUIC configuration: {0}")]
+    Config(String),
+}
+
+/// A running mesh endpoint. Dropping it stops nothing: call [`Mesh::leave`] to leave.
+pub struct Mesh {
+    commands: mpsc::Sender<Command>,
+    view: Arc<parking_lot::Mutex<Vec<(Identity, MemberState)>>>,
+    events: broadcast::Sender<MemberEvent>,
+    local_addr: SocketAddr,
+}
+
+enum Command {
+    Leave(oneshot::Sender<()>),
+}
+
+/// What the reader tasks and connect tasks tell the driver.
+enum Incoming {
+    Packet(NodeId, Bytes),
+    Connected(SocketAddr, Connection, NodeId),
+    ConnectFailed(SocketAddr),
+}
+
+impl Mesh {
+    pub async fn start(config: MeshConfig) -> Result<Mesh, MeshError> {
+        let cert_id = config.credentials.node_id()?;
+        if cert_id != config.identity.id {
+            return Err(MeshError::WrongCertificate { cert: cert_id, configured: config.identity.id });
+        }
+        let endpoint = endpoint(&config)?;
+        let local_addr = endpoint.local_addr().map_err(|source| MeshError::Bind { addr: config.bind, source })?;
+        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_LEN_MAX);
+        let (commands, command_rx) = mpsc::channel(16);
+        let view = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (events, _) = broadcast::channel(1024);
+        tokio::spawn(accept(endpoint.clone(), incoming_tx.clone()));
+        let membership = Membership::new(config.identity, config.seeds, config.profile, config.seed, (config.clock)());
+        let driver = Driver {
+            membership,
+            endpoint,
+            clock: config.clock,
+            peers: HashMap::new(),
+            incoming_tx,
+            view: view.clone(),
+            events: events.clone(),
+        };
+        tokio::spawn(driver.run(incoming_rx, command_rx));
+        Ok(Mesh { commands, view, events, local_addr })
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Every node we know of, ourselves included, with its state.
+    pub fn members(&self) -> Vec<(Identity, MemberState)> {
+        self.view.lock().clone()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<MemberEvent> {
+        self.events.subscribe()
+    }
+
+    /// Tells the mesh we are leaving, and waits briefly for that to be sent.
+    pub async fn leave(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Leave(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), rx).await;
+        }
+    }
+}
+
+fn transport() -> Result<Arc<TransportConfig>, MeshError> {
+    let mut transport = TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(Duration::from_secs(5)).map_err(|e| MeshError::Config(e.to_string()))?;
+    transport.max_idle_timeout(Some(idle));
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.datagram_receive_buffer_size(Some(1 << 20));
+    Ok(Arc::new(transport))
+}
+
+fn endpoint(config: &MeshConfig) -> Result<Endpoint, MeshError> {
+    let server_crypto = QuicServerConfig::try_from(config.credentials.server_config()?)
+        .map_err(|e| MeshError::Config(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport()?);
+    let client_crypto = QuicClientConfig::try_from(config.credentials.client_config()?)
+        .map_err(|e| MeshError::Config(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport()?);
+    let mut endpoint =
+        Endpoint::server(server, config.bind).map_err(|source| MeshError::Bind { addr: config.bind, source })?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// The node id in the certificate the peer of `connection` presented.
+fn peer_id(connection: &Connection) -> Option<NodeId> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    tls::node_id_of(chain.first()?)
+}
+
+async fn accept(endpoint: Endpoint, incoming: mpsc::Sender<Incoming>) {
+    while let Some(connecting) = endpoint.accept().await {
+        let incoming = incoming.clone();
+        tokio::spawn(async move {
+            let remote = connecting.remote_address();
+            match connecting.await {
+                Ok(connection) => match peer_id(&connection) {
+                    Some(peer) => read(connection, peer, incoming).await,
+                    None => tracing::warn!(%remote, "refused a mesh peer whose certificate names no node id"),
+                },
+                Err(error) => {
+                    tracing::warn!(%remote, %error, "refused a mesh connection (is it from another cluster's CA?)")
+                }
+            }
+        });
+    }
+}
+
+/// Forwards every packet a connection carries, datagram or stream, until it closes.
+async fn read(connection: Connection, peer: NodeId, incoming: mpsc::Sender<Incoming>) {
+    loop {
+        let packet = tokio::select! {
+            datagram = connection.read_datagram() => match datagram {
+                Ok(bytes) => bytes,
+                Err(_) => return,
+            },
+            stream = connection.accept_uni() => match stream {
+                Ok(mut stream) => match stream.read_to_end(STREAM_BYTES_MAX).await {
+                    Ok(bytes) => Bytes::from(bytes),
+                    Err(_) => continue,
+                },
+                Err(_) => return,
+            },
+        };
+        // A full queue drops the packet: SWIM tolerates loss, and the driver must not block.
+        let _ = incoming.try_send(Incoming::Packet(peer.clone(), packet));
+    }
+}
+
+enum Peer {
+    Connecting(Vec<Transmit>),
+    Connected(Connection, NodeId),
+}
+
+struct Driver {
+    membership: Membership,
+    endpoint: Endpoint,
+    clock: Clock,
+    peers: HashMap<SocketAddr, Peer>,
+    incoming_tx: mpsc::Sender<Incoming>,
+    view: Arc<parking_lot::Mutex<Vec<(Identity, MemberState)>>>,
+    events: broadcast::Sender<MemberEvent>,
+}
+
+impl Driver {
+    async fn run(mut self, mut incoming: mpsc::Receiver<Incoming>, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            self.flush();
+            let now = (self.clock)();
+            let wait = self.membership.poll_timeout().map_or(1000, |deadline| deadline.saturating_sub(now).min(1000));
+            tokio::select! {
+                message = incoming.recv() => match message {
+                    Some(message) => self.handle(message),
+                    None => return,
+                },
+                command = commands.recv() => match command {
+                    Some(Command::Leave(done)) => {
+                        self.membership.leave((self.clock)());
+                        self.flush();
+                        // Give the datagrams a moment to leave before the process does.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let _ = done.send(());
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => self.membership.tick((self.clock)()),
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Incoming) {
+        match message {
+            Incoming::Packet(peer, bytes) => {
+                if let Err(error) = self.membership.handle_packet((self.clock)(), &peer, &bytes) {
+                    tracing::debug!(%peer, %error, "mesh packet dropped");
+                    if matches!(error, crate::membership::PacketError::IdentityMismatch { .. }) {
+                        tracing::warn!(%peer, %error, "refused a mesh peer gossiping another node's identity");
+                    }
+                }
+            }
+            Incoming::Connected(addr, connection, peer) => {
+                tokio::spawn(read(connection.clone(), peer.clone(), self.incoming_tx.clone()));
+                let pending = match self.peers.insert(addr, Peer::Connected(connection, peer)) {
+                    Some(Peer::Connecting(pending)) => pending,
+                    _ => Vec::new(),
+                };
+                for transmit in pending {
+                    self.send(transmit);
+                }
+            }
+            Incoming::ConnectFailed(addr) => {
+                self.peers.remove(&addr);
+            }
+        }
+    }
+
+    /// Sends what the machine produced, publishes its view and events.
+    fn flush(&mut self) {
+        while let Some(transmit) = self.membership.poll_transmit() {
+            self.send(transmit);
+        }
+        while let Some(event) = self.membership.poll_event() {
+            match &event {
+                MemberEvent::Up(m) => tracing::info!(member = %m.id, addr = %m.mesh_addr, "mesh member up"),
+                MemberEvent::Suspect(m) => tracing::info!(member = %m.id, "mesh member suspect"),
+                MemberEvent::Down(m) => tracing::info!(member = %m.id, "mesh member down"),
+                MemberEvent::Left(m) => tracing::info!(member = %m.id, "mesh member left"),
+            }
+            let _ = self.events.send(event);
+        }
+        *self.view.lock() = self.membership.members();
+    }
+
+    fn send(&mut self, transmit: Transmit) {
+        match self.peers.get_mut(&transmit.to) {
+            Some(Peer::Connected(connection, peer)) if connection.close_reason().is_none() => {
+                if transmit.expect.as_ref().is_some_and(|expect| expect != peer) {
+                    tracing::debug!(to = %transmit.to, %peer, "the node at this address changed; reconnecting");
+                    self.peers.remove(&transmit.to);
+                    return self.send(transmit);
+                }
+                send_on(connection, transmit.bytes);
+            }
+            Some(Peer::Connecting(pending)) => {
+                if pending.len() < PENDING_LEN_MAX {
+                    pending.push(transmit);
+                }
+            }
+            _ => self.connect(transmit),
+        }
+    }
+
+    fn connect(&mut self, transmit: Transmit) {
+        let addr = transmit.to;
+        let connecting = match self.endpoint.connect(addr, tls::SERVER_NAME) {
+            Ok(connecting) => connecting,
+            Err(error) => return tracing::debug!(%addr, %error, "mesh connect"),
+        };
+        self.peers.insert(addr, Peer::Connecting(vec![transmit]));
+        let incoming = self.incoming_tx.clone();
+        tokio::spawn(async move {
+            let message = match connecting.await {
+                Ok(connection) => match peer_id(&connection) {
+                    Some(peer) => Incoming::Connected(addr, connection, peer),
+                    None => {
+                        tracing::warn!(%addr, "refused a mesh peer whose certificate names no node id");
+                        Incoming::ConnectFailed(addr)
+                    }
+                },
+                Err(error) => {
+                    let refused = matches!(
+                        error,
+                        quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)
+                    );
+                    if refused {
+                        tracing::warn!(%addr, %error, "mesh handshake refused (is it from another cluster's CA?)");
+                    } else {
+                        tracing::debug!(%addr, %error, "mesh connect failed");
+                    }
+                    Incoming::ConnectFailed(addr)
+                }
+            };
+            // The driver may be gone (shutting down); nothing else to do then.
+            let _ = incoming.send(message).await;
+        });
+    }
+}
+
+fn send_on(connection: &Connection, bytes: Vec<u8>) {
+    let fits = connection.max_datagram_size().is_some_and(|max| bytes.len() <= max);
+    if fits {
+        let _ = connection.send_datagram(Bytes::from(bytes));
+        return;
+    }
+    let connection = connection.clone();
+    tokio::spawn(async move {
+        if let Ok(mut stream) = connection.open_uni().await {
+            let _ = stream.write_all(&bytes).await;
+            let _ = stream.finish();
+        }
+    });
+}
