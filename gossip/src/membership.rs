@@ -49,9 +49,9 @@ pub struct Profile {
 impl Default for Profile {
     fn default() -> Self {
         Profile {
-            probe_period_ms: 500,
-            probe_rtt_ms: 200,
-            suspect_to_down_ms: 1500,
+            probe_period_ms: 400,
+            probe_rtt_ms: 150,
+            suspect_to_down_ms: 1200,
             gossip_period_ms: 200,
             announce_interval_ms: 1000,
             packet_bytes_max: 1100,

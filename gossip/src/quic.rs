@@ -64,6 +64,7 @@ pub enum MeshError {
 /// A running mesh endpoint. Dropping it stops nothing: call [`Mesh::leave`] to leave.
 pub struct Mesh {
     commands: mpsc::Sender<Command>,
+    active: Arc<std::sync::atomic::AtomicBool>,
     view: Arc<parking_lot::Mutex<Vec<(Identity, MemberState)>>>,
     events: broadcast::Sender<MemberEvent>,
     local_addr: SocketAddr,
@@ -91,6 +92,7 @@ impl Mesh {
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_LEN_MAX);
         let (commands, command_rx) = mpsc::channel(16);
         let view = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (events, _) = broadcast::channel(1024);
         tokio::spawn(accept(endpoint.clone(), incoming_tx.clone()));
         let membership = Membership::new(config.identity, config.seeds, config.profile, config.seed, (config.clock)());
@@ -101,15 +103,21 @@ impl Mesh {
             peers: HashMap::new(),
             incoming_tx,
             view: view.clone(),
+            active: active.clone(),
             events: events.clone(),
         };
         tokio::spawn(driver.run(incoming_rx, command_rx));
-        Ok(Mesh { commands, view, events, local_addr })
+        Ok(Mesh { commands, active, view, events, local_addr })
     }
 
     /// The address the endpoint is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Whether another member knows us (we have joined).
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every node we know of, ourselves included, with its state.
@@ -212,6 +220,7 @@ struct Driver {
     peers: HashMap<SocketAddr, Peer>,
     incoming_tx: mpsc::Sender<Incoming>,
     view: Arc<parking_lot::Mutex<Vec<(Identity, MemberState)>>>,
+    active: Arc<std::sync::atomic::AtomicBool>,
     events: broadcast::Sender<MemberEvent>,
 }
 
@@ -282,6 +291,7 @@ impl Driver {
             let _ = self.events.send(event);
         }
         *self.view.lock() = self.membership.members();
+        self.active.store(self.membership.is_active(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn send(&mut self, transmit: Transmit) {

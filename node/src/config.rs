@@ -30,6 +30,13 @@ pub struct FileConfig {
     pub rocksdb_max_open_files: Option<i32>,
     pub group_commit_delay_us: Option<u64>,
     pub log_format: Option<String>,
+    pub certs: Option<PathBuf>,
+    pub mesh_advertise: Option<SocketAddr>,
+    pub mesh_probe_period_ms: Option<u64>,
+    pub mesh_probe_rtt_ms: Option<u64>,
+    pub mesh_suspect_to_down_ms: Option<u64>,
+    pub mesh_gossip_period_ms: Option<u64>,
+    pub mesh_announce_interval_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -65,6 +72,12 @@ pub struct Config {
     pub rocksdb_max_open_files: i32,
     pub group_commit_delay_us: u64,
     pub log_json: bool,
+    /// Directory with `ca.pem`, `node.pem` and `node.key`; `None` with `--dev` uses the
+    /// built-in development CA.
+    pub certs: Option<PathBuf>,
+    /// The mesh address other nodes dial (defaults to `mesh`).
+    pub mesh_advertise: Option<SocketAddr>,
+    pub mesh_profile: gossip::Profile,
 }
 
 /// Values given on the command line or in the environment (clap reads both).
@@ -97,6 +110,12 @@ pub struct Overrides {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "GRIDDLE_LOG_JSON")]
     pub log_json: bool,
+    /// Directory with this node's certificates (ca.pem, node.pem, node.key).
+    #[arg(long, env = "GRIDDLE_CERTS")]
+    pub certs: Option<PathBuf>,
+    /// Mesh address to advertise, when others reach this node through a proxy or NAT.
+    #[arg(long, env = "GRIDDLE_MESH_ADVERTISE")]
+    pub mesh_advertise: Option<SocketAddr>,
 }
 
 impl Config {
@@ -105,7 +124,20 @@ impl Config {
         let dev = flags.dev || file.dev.unwrap_or(false);
         let http = flags.http.or(file.http).unwrap_or_else(|| "127.0.0.1:7700".parse().expect("valid"));
         let mesh = flags.mesh.or(file.mesh).unwrap_or_else(|| "127.0.0.1:7800".parse().expect("valid"));
-        let node_id = flags.node_id.clone().or(file.node_id).unwrap_or_else(|| format!("node-{}", http.port()));
+        let certs = flags.certs.clone().or(file.certs.clone());
+        let cert_id = match &certs {
+            Some(dir) => Some(crate::mesh::credentials_from(dir)?.node_id().context("read node.pem")?.to_string()),
+            None => None,
+        };
+        let node_id = flags
+            .node_id
+            .clone()
+            .or(file.node_id)
+            .or(cert_id.clone())
+            .unwrap_or_else(|| format!("node-{}", http.port()));
+        if cert_id.as_ref().is_some_and(|cert| *cert != node_id) {
+            bail!("node_id {node_id:?} differs from the node id {cert_id:?} that node.pem names");
+        }
         if !node_core::social::valid_user(&node_id) {
             bail!("node_id must be 1-64 of A-Z a-z 0-9 _ -, got {node_id:?}");
         }
@@ -129,6 +161,21 @@ impl Config {
             other => bail!("store must be rocksdb or mem, got {other:?}"),
         };
         let log_json = flags.log_json || file.log_format.as_deref() == Some("json");
+        if certs.is_none() && !dev {
+            bail!("give --certs DIR (made by `griddle cluster init` and `griddle cluster issue`), or use --dev");
+        }
+        let defaults = gossip::Profile::default();
+        let mesh_profile = gossip::Profile {
+            probe_period_ms: file.mesh_probe_period_ms.unwrap_or(defaults.probe_period_ms),
+            probe_rtt_ms: file.mesh_probe_rtt_ms.unwrap_or(defaults.probe_rtt_ms),
+            suspect_to_down_ms: file.mesh_suspect_to_down_ms.unwrap_or(defaults.suspect_to_down_ms),
+            gossip_period_ms: file.mesh_gossip_period_ms.unwrap_or(defaults.gossip_period_ms),
+            announce_interval_ms: file.mesh_announce_interval_ms.unwrap_or(defaults.announce_interval_ms),
+            ..defaults
+        };
+        if mesh_profile.probe_rtt_ms == 0 || mesh_profile.probe_rtt_ms >= mesh_profile.probe_period_ms {
+            bail!("mesh_probe_rtt_ms must be above 0 and below mesh_probe_period_ms");
+        }
         Ok(Config {
             data_dir: flags
                 .data_dir
@@ -150,6 +197,9 @@ impl Config {
             rocksdb_max_open_files: file.rocksdb_max_open_files.unwrap_or(256),
             group_commit_delay_us: file.group_commit_delay_us.unwrap_or(200),
             log_json,
+            certs,
+            mesh_advertise: flags.mesh_advertise.or(file.mesh_advertise),
+            mesh_profile,
         })
     }
 }

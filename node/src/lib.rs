@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod config;
 mod driver;
+pub mod mesh;
 mod service;
 
 use std::future::Future;
@@ -61,7 +62,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         node_core::NodeCore::new(core_config, store.clone(), clock::now_ms()).context("recover the node core")?;
     let driver = Driver::start(core, store);
     let http_addr = listener.local_addr()?;
-    let service = Arc::new(NodeService::new(&config, http_addr, driver.clone()));
+    let mesh = Arc::new(mesh::start(&config, http_addr).await?);
+    // Tests and scripts read this line to learn the bound ports.
+    println!("griddle {} listening on http://{http_addr}/ mesh {}", config.node_id, mesh.local_addr());
+    let service = Arc::new(NodeService::new(&config, driver.clone(), mesh.clone()));
     let web_config = web_config(&config)?;
     let fatal = async { driver.fatal.notified().await };
     let failed = tokio::select! {
@@ -69,6 +73,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         _ = fatal => true,
     };
     driver.stop();
+    mesh.leave().await;
     // Let the answered long-polls reach their clients before the process goes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     if failed {

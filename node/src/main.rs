@@ -1,5 +1,6 @@
 //! `griddle`: one binary for every node. This file only parses the command line and wires.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -32,11 +33,47 @@ enum Command {
         #[arg(long)]
         svc: bool,
     },
+    /// Cluster certificates: the CA, and node certificates signed by it.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Create a new cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a node certificate (ca.pem, node.pem, node.key) for ID into DIR.
+    Issue {
+        /// Directory with the CA's ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        node_id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(overrides) => serve(&overrides),
+        Command::Cluster(ClusterCommand::Init { out }) => {
+            node::mesh::init_ca(&out)?;
+            println!("created the cluster CA in {}; keep ca.key secret", out.display());
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Issue { ca, node_id, out }) => {
+            node::mesh::issue(&ca, &node_id, &out)?;
+            println!(
+                "issued a certificate for {node_id} in {}; start it with --certs {}",
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
         Command::Token { overrides, user, ttl, svc } => {
             let config = Config::resolve(&overrides)?;
             if !node_core::social::valid_user(&user) {
@@ -59,8 +96,6 @@ fn serve(overrides: &Overrides) -> anyhow::Result<()> {
         let span = tracing::info_span!("node", id = %config.node_id);
         let _entered = span.enter();
         tracing::info!(%addr, data_dir = %config.data_dir.display(), dev = config.dev, "serving");
-        // Tests and scripts read this line to learn the bound port.
-        println!("griddle {} listening on http://{addr}/", config.node_id);
         node::run(config, listener, shutdown_signal()).await
     })?;
     tracing::info!("stopped");

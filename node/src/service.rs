@@ -1,8 +1,9 @@
 //! [`NodeService`]: the node as the HTTP layer sees it ([`web::Backend`]).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use gossip::quic::Mesh;
+use gossip::MemberState;
 use node_core::api::{Reply, Request};
 use web::{ClusterView, MemberView, PartitionView};
 
@@ -14,14 +15,15 @@ const REPLICAS: u32 = 3;
 
 pub struct NodeService {
     driver: Arc<Driver>,
+    mesh: Arc<Mesh>,
     node_id: String,
-    http_addr: SocketAddr,
-    mesh_addr: SocketAddr,
+    /// Whether this node was told to join others (then it is ready once it has).
+    joins: bool,
 }
 
 impl NodeService {
-    pub fn new(config: &Config, http_addr: SocketAddr, driver: Arc<Driver>) -> NodeService {
-        NodeService { driver, node_id: config.node_id.clone(), http_addr, mesh_addr: config.mesh }
+    pub fn new(config: &Config, driver: Arc<Driver>, mesh: Arc<Mesh>) -> NodeService {
+        NodeService { driver, mesh, node_id: config.node_id.clone(), joins: !config.join.is_empty() }
     }
 }
 
@@ -35,19 +37,31 @@ impl web::Backend for NodeService {
     }
 
     fn ready(&self) -> bool {
-        true // One node: the store is open and there is nothing to catch up with.
+        // The store is open (the node would not run otherwise); it must have joined the mesh
+        // if it was told to. (Replication adds: its partitions are caught up.)
+        !self.joins || self.mesh.is_active()
     }
 
     fn cluster(&self) -> ClusterView {
+        let members = self
+            .mesh
+            .members()
+            .into_iter()
+            .map(|(member, state)| MemberView {
+                id: member.id.to_string(),
+                mesh_addr: member.mesh_addr.to_string(),
+                http_addr: member.http_addr.to_string(),
+                state: match state {
+                    MemberState::Alive => "alive",
+                    MemberState::Suspect => "suspect",
+                    MemberState::Down => "down",
+                },
+                weight: f64::from(member.weight_milli) / 1000.0,
+            })
+            .collect();
         ClusterView {
             node: self.node_id.clone(),
-            members: vec![MemberView {
-                id: self.node_id.clone(),
-                mesh_addr: self.mesh_addr.to_string(),
-                http_addr: self.http_addr.to_string(),
-                state: "alive",
-                weight: 1.0,
-            }],
+            members,
             partitions: PartitionView {
                 count: PARTITIONS,
                 replicas: REPLICAS,

@@ -13,6 +13,8 @@ pub const SECRET: &[u8] = node::config::DEV_SECRET.as_bytes();
 pub struct Node {
     child: Child,
     pub url: String,
+    /// The mesh address, as `127.0.0.1:port`.
+    pub mesh: String,
 }
 
 impl Node {
@@ -21,13 +23,26 @@ impl Node {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_griddle"))
-            .args(["serve", "--dev", "--http", "127.0.0.1:0", "--mesh", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
+        Node::spawn(data_dir, extra, Stdio::inherit())
+    }
+
+    /// Starts a node whose log (stderr) goes to `log`.
+    pub fn start_logged(data_dir: &Path, extra: &[&str], log: &Path) -> Node {
+        Node::spawn(data_dir, extra, Stdio::from(std::fs::File::create(log).unwrap()))
+    }
+
+    fn spawn(data_dir: &Path, extra: &[&str], stderr: Stdio) -> Node {
+        let mesh_given = extra.contains(&"--mesh");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_griddle"));
+        command.args(["serve", "--dev", "--http", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
+        if !mesh_given {
+            command.args(["--mesh", "127.0.0.1:0"]);
+        }
+        let mut child = command
             .args(extra)
             .env("GRIDDLE_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start griddle");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -36,11 +51,17 @@ impl Node {
         let url =
             line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no URL in {line:?}"));
         let url = url.trim_end_matches('/').to_owned();
+        let mesh = line
+            .split_whitespace()
+            .skip_while(|w| *w != "mesh")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no mesh in {line:?}"))
+            .to_owned();
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || {
             let _ = stdout.read_to_end(&mut Vec::new());
         });
-        Node { child, url }
+        Node { child, url, mesh }
     }
 
     /// `kill -9`.
