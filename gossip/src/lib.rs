@@ -12,7 +12,9 @@
 
 pub mod identity;
 pub mod membership;
+#[cfg(feature = "quic")]
 pub mod quic;
+#[cfg(feature = "quic")]
 pub mod tls;
 pub mod wire;
 

@@ -16,7 +16,11 @@
 //! - a packet whose SWIM header names a different node than the peer's certificate is
 //!   refused;
 //! - events for every state change, including `Suspect` (foca only notifies up and down)
-//!   and `Left` (a node that said it was leaving before it went down).
+//!   and `Left` (a node that said it was leaving before it went down);
+//! - a suspicion that outlives `suspect_to_down_ms` by a probe period is made final (down):
+//!   foca drops its pending suspect-to-down timers whenever its own identity changes (a
+//!   renewal after being declared down), and a member whose refutation never arrives then
+//!   stays suspect for good. The simulator found this (seed 29 in `sim/regressions.txt`).
 //!
 //! Invariants: timers are delivered in deadline order, each exactly once; every queue here
 //! is bounded (`outbox_len_max`, `events_len_max`: overflow drops the oldest, and SWIM
@@ -44,6 +48,9 @@ pub struct Profile {
     pub announce_interval_ms: u64,
     /// Largest SWIM packet, sized to fit a QUIC datagram.
     pub packet_bytes_max: usize,
+    /// Planted bug: the watchdog never re-announces once active.
+    #[cfg(feature = "planted-bugs")]
+    pub bug_forget_reannounce: bool,
 }
 
 impl Default for Profile {
@@ -55,6 +62,8 @@ impl Default for Profile {
             gossip_period_ms: 200,
             announce_interval_ms: 1000,
             packet_bytes_max: 1100,
+            #[cfg(feature = "planted-bugs")]
+            bug_forget_reannounce: false,
         }
     }
 }
@@ -127,6 +136,8 @@ pub struct Membership {
     /// Last state reported per node, to turn foca's state into events.
     known: HashMap<NodeId, (Identity, MemberState)>,
     leaving: HashSet<NodeId>,
+    /// Members under suspicion: since when (local ms), at which incarnation.
+    suspected: HashMap<NodeId, (u64, foca::Incarnation)>,
 }
 
 impl Membership {
@@ -147,6 +158,7 @@ impl Membership {
             announce_turn: 0,
             known: HashMap::new(),
             leaving: HashSet::new(),
+            suspected: HashMap::new(),
         };
         membership.tick(now_ms);
         membership
@@ -195,6 +207,7 @@ impl Membership {
             }
             self.collect(now_ms);
         }
+        self.expire_suspicions(now_ms);
         if now_ms >= self.next_announce_ms {
             self.next_announce_ms = now_ms + self.profile.announce_interval_ms;
             self.announce(now_ms);
@@ -206,6 +219,10 @@ impl Membership {
             if self.active { self.missing() } else { self.seeds.iter().map(|s| Identity::seed(*s)).collect() };
         if targets.is_empty() && !self.active {
             return; // The first node of a mesh: nobody to announce to.
+        }
+        #[cfg(feature = "planted-bugs")]
+        if self.active && self.profile.bug_forget_reannounce {
+            return;
         }
         if self.active {
             // The watchdog: one target per interval, in turn.
@@ -220,6 +237,30 @@ impl Membership {
             if let Err(error) = self.foca.announce(target, &mut self.runtime) {
                 tracing::debug!(%error, "announce");
             }
+        }
+        self.collect(now_ms);
+    }
+
+    /// Declares down the members whose suspicion outlived its timer (see the module doc).
+    fn expire_suspicions(&mut self, now_ms: u64) {
+        let grace = self.profile.suspect_to_down_ms + self.profile.probe_period_ms;
+        let expired: Vec<foca::Member<Identity>> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Suspect)
+            .filter(|m| {
+                self.suspected.get(&m.id().id).is_some_and(|(since, incarnation)| {
+                    *incarnation == m.incarnation() && now_ms.saturating_sub(*since) > grace
+                })
+            })
+            .map(|m| foca::Member::new(m.id().clone(), m.incarnation(), State::Down))
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        tracing::debug!(count = expired.len(), "suspicions outlived their timers; declaring down");
+        if let Err(error) = self.foca.apply_many(expired.into_iter(), true, &mut self.runtime) {
+            tracing::debug!(%error, "expire suspicions");
         }
         self.collect(now_ms);
     }
@@ -293,13 +334,21 @@ impl Membership {
                 _ => {}
             }
         }
-        self.diff_states();
+        self.diff_states(now_ms);
     }
 
-    fn diff_states(&mut self) {
-        let current: Vec<(Identity, MemberState)> =
-            self.foca.iter_membership_state().map(|m| (m.id().clone(), state(m.state()))).collect();
-        for (identity, state) in current {
+    fn diff_states(&mut self, now_ms: u64) {
+        let current: Vec<(Identity, MemberState, foca::Incarnation)> =
+            self.foca.iter_membership_state().map(|m| (m.id().clone(), state(m.state()), m.incarnation())).collect();
+        for (identity, state, incarnation) in current {
+            if state == MemberState::Suspect {
+                let since = self.suspected.entry(identity.id.clone()).or_insert((now_ms, incarnation));
+                if since.1 != incarnation {
+                    *since = (now_ms, incarnation);
+                }
+            } else {
+                self.suspected.remove(&identity.id);
+            }
             let changed = match self.known.get(&identity.id) {
                 Some((known, known_state)) => known.bump != identity.bump || *known_state != state,
                 None => state != MemberState::Down,

@@ -1,318 +1,457 @@
-//! The deterministic simulator: a whole node (today one; the mesh and replication issues make
-//! it many) run on one thread from one `u64` seed, with simulated time, a simulated disk that
-//! loses unsynced writes on a crash, simulated writers and browsers, and checkers.
+//! The deterministic simulator: a whole cluster on one thread from one `u64` seed.
 //!
-//! One seed runs a safety phase (random requests, disk syncs at random moments, time jumps,
-//! crashes and restarts of the node) and then a liveness phase (no faults; every browser must
-//! catch up). Checked after every step and at the end:
-//! - every acknowledged message is in its conversation and in both users' inboxes, once;
-//! - every browser sees each conversation's messages in version order with no gap, across
-//!   crashes, resuming from its cursor (promise 5 of DESIGN.md);
-//! - no long-poll waits past its deadline; waiting lists stay within their bounds.
+//! Each simulated node runs the membership machine that ships (`gossip::Membership`, foca
+//! inside) and the node core that ships (`node_core::NodeCore`) on a simulated disk
+//! (`store::mem::MemStore` in manual-sync mode). Around them: a network that delays, drops,
+//! duplicates, reorders and partitions ([`net`]), clocks that drift and jump, disks that
+//! lose unsynced writes on a crash, fail a sync with EIO or get wiped, and processes that
+//! crash, restart (a new incarnation) and freeze. Nothing reads a clock or OS randomness:
+//! time is a counter, randomness a `SmallRng` seeded from the seed.
 //!
-//! The same seed gives the same trace hash, run after run.
+//! A seed runs a safety phase (faults on, checks after every step) and a liveness phase
+//! (faults off, everything healed; membership and browsers must converge within a bound).
+//! Checks: the per-node promises in [`app`]; no long-poll outlives its deadline; waiting lists
+//! and the network stay within their bounds; a node whose disk failed stops; after the heal,
+//! every node sees every node alive (membership converges; no node stalls for good).
+//!
+//! Planted bugs ([`Bug`]) break one rule on purpose so we know the checks can fail. The
+//! trace hash folds in every packet and reply, so the same seed gives the same hash.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+mod app;
+pub mod net;
 
-use node_core::api::{Reply, Request, RequestId, SyncItem};
-use node_core::{BatchId, Config, NodeCore, Output};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use gossip::{Identity, MemberState, Membership, NodeId, Profile};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use store::mem::MemStore;
-use store::{EventId, ReadRange, Store, StoreError, StreamName, Version};
 
-const USERS: [&str; 4] = ["ann", "ben", "cat", "dan"];
+use crate::app::App;
+use crate::net::{Network, Packet, Rates};
+
 const START_MS: u64 = 1_763_776_800_000;
+const STEP_MS: u64 = 10;
+const SAFETY_MS: u64 = 20_000;
+/// After the heal, membership and browsers must converge within this.
+const LIVENESS_MS_MAX: u64 = 40_000;
+
+/// Rules broken on purpose, to prove that the checks catch them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    ForgetReannounce,
+    AckBeforeSync,
+    SkipInboxRepair,
+}
+
+impl Bug {
+    pub const ALL: [(Bug, &'static str, &'static str); 3] = [
+        (Bug::ForgetReannounce, "forget-reannounce", "the membership watchdog never re-announces once joined"),
+        (Bug::AckBeforeSync, "ack-before-sync", "appends are acknowledged before the disk synced them"),
+        (Bug::SkipInboxRepair, "skip-inbox-repair", "a restart does not finish inbox copies a crash interrupted"),
+    ];
+
+    pub fn parse(name: &str) -> Option<Bug> {
+        Bug::ALL.iter().find(|(_, n, _)| *n == name).map(|(b, _, _)| *b)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+impl Failure {
+    pub fn new(invariant: &'static str, detail: impl Into<String>) -> Failure {
+        Failure { invariant, detail: detail.into() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    #[default]
+    Crash,
+    Wipe,
+    Freeze,
+    Partition,
+    ClockJump,
+    DiskError,
+    ConnectionReset,
+    Drop,
+    Duplicate,
+}
 
 pub struct Outcome {
     pub seed: u64,
-    pub trace_hash: u64,
-    pub acknowledged: usize,
-    pub crashes: usize,
-    pub delivered: usize,
+    pub trace: u64,
+    pub result: Result<(), Failure>,
+    pub simulated_ms: u64,
+    pub faults: BTreeMap<Fault, u64>,
+    /// Time from the heal until every node saw every node alive.
+    pub convergence_ms: Option<u64>,
 }
 
-type Completions = Arc<Mutex<Vec<(BatchId, Result<(), StoreError>)>>>;
+struct Node {
+    membership: Membership,
+    app: App,
+    up: bool,
+    frozen_until: u64,
+    restart_at: u64,
+    /// Local clock: global time + offset + drift.
+    offset_ms: i64,
+    drift_ppm: i64,
+    lives: u64,
+    /// Its disk was wiped in the last crash: it comes back empty.
+    wiped: bool,
+}
 
-struct Browser {
-    user: &'static str,
-    cursor: Option<String>,
-    waiting: Option<RequestId>,
-    /// Per conversation stream: the last version this browser was shown.
-    seen: HashMap<StreamName, u64>,
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, i as u8 + 1], 7800))
+}
+
+fn node_index(addr: SocketAddr) -> Option<usize> {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => Some(usize::from(v4.octets()[3]) - 1),
+        _ => None,
+    }
 }
 
 struct World {
     rng: SmallRng,
     now_ms: u64,
-    disk: Arc<MemStore>,
-    core: NodeCore,
-    completions: Completions,
-    next_request: u64,
-    /// Requests in flight: who asked what.
-    pending: HashMap<RequestId, Pending>,
-    browsers: Vec<Browser>,
-    /// Acknowledged messages: (stream, id, version).
-    acknowledged: Vec<(StreamName, EventId, Version)>,
-    /// Message ids sent and not acknowledged yet, for retries.
-    unacknowledged: Vec<(&'static str, &'static str, EventId)>,
+    nodes: Vec<Node>,
+    net: Network,
+    rates: Rates,
+    bug: Option<Bug>,
+    faults: BTreeMap<Fault, u64>,
     trace: u64,
-    crashes: usize,
-    delivered: usize,
-}
-
-enum Pending {
-    Post { user: &'static str, peer: &'static str, id: EventId },
-    Sync { browser: usize },
-    Other,
-}
-
-fn core_config(seed: u64) -> Config {
-    Config { seed, waiters_max: 64, ..Config::default() }
+    heal_at: u64,
 }
 
 impl World {
-    fn new(seed: u64) -> World {
-        let disk = Arc::new(MemStore::manual());
-        World {
-            rng: SmallRng::seed_from_u64(seed),
+    fn new(seed: u64, count: usize, bug: Option<Bug>) -> World {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let rates = Rates {
+            drop: rng.gen_range(0.0..0.2),
+            duplicate: rng.gen_range(0.0..0.05),
+            delay_ms_max: rng.gen_range(1..80),
+        };
+        let mut world = World {
+            rng,
             now_ms: START_MS,
-            core: NodeCore::new(core_config(seed), disk.clone(), START_MS).expect("a new disk reads"),
-            disk,
-            completions: Arc::default(),
-            next_request: 0,
-            pending: HashMap::new(),
-            browsers: USERS
-                .iter()
-                .map(|user| Browser { user, cursor: None, waiting: None, seen: HashMap::new() })
-                .collect(),
-            acknowledged: Vec::new(),
-            unacknowledged: Vec::new(),
-            trace: 0xcbf29ce484222325,
-            crashes: 0,
-            delivered: 0,
+            nodes: Vec::new(),
+            net: Network::default(),
+            rates,
+            bug,
+            faults: BTreeMap::new(),
+            trace: 0xcbf2_9ce4_8422_2325,
+            heal_at: 0,
+        };
+        for i in 0..count {
+            let drift_ppm = world.rng.gen_range(-20_000..20_000);
+            let node = Node {
+                membership: world.membership(i, START_MS, 1),
+                app: App::new(world.core_config(), START_MS),
+                up: true,
+                frozen_until: 0,
+                restart_at: 0,
+                offset_ms: world.rng.gen_range(-500..500),
+                drift_ppm,
+                lives: 1,
+                wiped: false,
+            };
+            world.nodes.push(node);
+        }
+        world
+    }
+
+    fn core_config(&mut self) -> node_core::Config {
+        node_core::Config {
+            seed: self.rng.gen(),
+            waiters_max: app::WAITERS_MAX,
+            bug: match self.bug {
+                Some(Bug::AckBeforeSync) => Some(node_core::PlantedBug::AckBeforeSync),
+                Some(Bug::SkipInboxRepair) => Some(node_core::PlantedBug::SkipInboxRepair),
+                _ => None,
+            },
+            ..node_core::Config::default()
         }
     }
 
-    fn record(&mut self, text: &str) {
-        for byte in text.bytes() {
-            self.trace ^= u64::from(byte);
-            self.trace = self.trace.wrapping_mul(0x100000001b3);
+    fn membership(&mut self, i: usize, local_ms: u64, life: u64) -> Membership {
+        let identity = Identity {
+            id: NodeId::new(format!("n{i}")).expect("valid"),
+            mesh_addr: addr(i),
+            http_addr: addr(i),
+            weight_milli: 1000,
+            bump: life,
+        };
+        let profile = Profile { bug_forget_reannounce: self.bug == Some(Bug::ForgetReannounce), ..Profile::default() };
+        Membership::new(identity, vec![addr(0)], profile, self.rng.gen(), local_ms)
+    }
+
+    fn local_ms(&self, i: usize) -> u64 {
+        let node = &self.nodes[i];
+        let elapsed = (self.now_ms - START_MS) as i64;
+        (self.now_ms as i64 + node.offset_ms + elapsed * node.drift_ppm / 1_000_000) as u64
+    }
+
+    fn record(&mut self, values: &[u64]) {
+        for value in values {
+            for byte in value.to_le_bytes() {
+                self.trace ^= u64::from(byte);
+                self.trace = self.trace.wrapping_mul(0x100_0000_01b3);
+            }
         }
     }
 
-    fn request(&mut self, pending: Pending, request: Request) {
-        let id = RequestId(self.next_request);
-        self.next_request += 1;
-        self.record(&format!("{:?}", request));
-        self.pending.insert(id, pending);
-        if let Pending::Sync { browser } = self.pending[&id] {
-            self.browsers[browser].waiting = Some(id);
-        }
-        self.core.request(self.now_ms, id, request);
+    fn fault(&mut self, fault: Fault) {
+        *self.faults.entry(fault).or_default() += 1;
+        self.record(&[fault as u64 + 1000]);
     }
 
-    /// Moves the core's outputs: batches to the disk, replies to their askers.
-    fn drain(&mut self) -> Result<(), String> {
-        loop {
-            while let Some(output) = self.core.poll_output() {
-                match output {
-                    Output::Persist(batch, writes) => {
-                        let completions = self.completions.clone();
-                        self.disk.append(writes, Box::new(move |r| completions.lock().unwrap().push((batch, r))));
+    fn step(&mut self, faults: bool) -> Result<(), Failure> {
+        self.now_ms += STEP_MS;
+        if faults {
+            self.inject();
+        }
+        self.restart_due()?;
+        self.deliver();
+        for i in 0..self.nodes.len() {
+            self.run_node(i, faults)?;
+        }
+        self.check_bounds()
+    }
+
+    fn inject(&mut self) {
+        let count = self.nodes.len();
+        let i = self.rng.gen_range(0..count);
+        match self.rng.gen_range(0..10_000) {
+            0..=14 if self.nodes[i].up => {
+                let wipe = self.rng.gen_bool(0.1);
+                self.fault(if wipe { Fault::Wipe } else { Fault::Crash });
+                self.crash(i, wipe);
+            }
+            15..=29 if self.nodes[i].up && self.nodes[i].frozen_until <= self.now_ms => {
+                self.fault(Fault::Freeze);
+                self.nodes[i].frozen_until = self.now_ms + self.rng.gen_range(200..3000);
+            }
+            30..=39 if !self.net.is_partitioned() => {
+                self.fault(Fault::Partition);
+                match self.rng.gen_range(0..3) {
+                    0 => (0..count).filter(|j| *j != i).for_each(|j| {
+                        self.net.block(i, j);
+                        self.net.block(j, i);
+                    }),
+                    1 => {
+                        let j = (i + 1 + self.rng.gen_range(0..count - 1)) % count;
+                        self.net.block(i, j); // One way only.
                     }
-                    Output::Reply(id, reply) => self.replied(id, reply)?,
-                    Output::Fatal(error) => return Err(format!("fatal: {error}")),
-                }
-            }
-            let done = std::mem::take(&mut *self.completions.lock().unwrap());
-            if done.is_empty() {
-                return Ok(());
-            }
-            for (batch, result) in done {
-                self.core.persisted(self.now_ms, batch, result);
-            }
-        }
-    }
-
-    fn replied(&mut self, id: RequestId, reply: Reply) -> Result<(), String> {
-        self.record(&format!("{id:?}"));
-        match (self.pending.remove(&id), reply) {
-            (Some(Pending::Post { user, peer, id }), Reply::Appended { event, .. }) => {
-                self.unacknowledged.retain(|(u, p, i)| (*u, *p, *i) != (user, peer, id));
-                self.acknowledged.push((event.stream, event.id, event.version));
-            }
-            (Some(Pending::Sync { browser }), Reply::Sync(sync)) => {
-                let b = &mut self.browsers[browser];
-                b.waiting = None;
-                if sync.reset && b.cursor.is_some() {
-                    return Err(format!("{}: reset from a valid cursor", b.user));
-                }
-                b.cursor = Some(sync.cursor);
-                for item in sync.items {
-                    let SyncItem::Event(event) = item else { continue };
-                    if !event.stream.as_str().starts_with("chat:") {
-                        continue;
+                    _ => {
+                        let side: Vec<bool> = (0..count).map(|_| self.rng.gen_bool(0.5)).collect();
+                        for a in 0..count {
+                            for b in 0..count {
+                                if side[a] != side[b] {
+                                    self.net.block(a, b);
+                                }
+                            }
+                        }
                     }
-                    let last = b.seen.entry(event.stream.clone()).or_insert(0);
-                    if event.version.0 > *last + 1 {
-                        return Err(format!("{}: gap in {}: {} after {}", b.user, event.stream, event.version, last));
-                    }
-                    *last = (*last).max(event.version.0);
-                    self.delivered += 1;
                 }
+                self.heal_at = self.now_ms + self.rng.gen_range(500..8000);
             }
-            (Some(_), Reply::Error(error)) => self.record(&error.to_string()),
-            (Some(_), _) => {}
-            (None, reply) => return Err(format!("reply to an unknown request: {reply:?}")),
-        }
-        Ok(())
-    }
-
-    fn step(&mut self, faults: bool) -> Result<(), String> {
-        let roll = self.rng.gen_range(0..100);
-        let user = USERS[self.rng.gen_range(0..USERS.len())];
-        let peer = USERS[self.rng.gen_range(0..USERS.len())];
-        match roll {
-            0..=24 if user != peer => {
-                let retry = self.rng.gen_bool(0.3) && !self.unacknowledged.is_empty();
-                let (user, peer, id) = if retry {
-                    self.unacknowledged[self.rng.gen_range(0..self.unacknowledged.len())]
-                } else {
-                    let id = EventId::from_parts(self.now_ms, self.rng.gen());
-                    self.unacknowledged.push((user, peer, id));
-                    (user, peer, id)
-                };
-                let request =
-                    Request::PostMessage { user: user.into(), peer: peer.into(), id: Some(id), text: "hello".into() };
-                self.request(Pending::Post { user, peer, id }, request);
+            40..=49 => {
+                self.fault(Fault::ClockJump);
+                self.nodes[i].offset_ms += self.rng.gen_range(-3000..3000);
             }
-            25..=34 => {
-                let request = Request::Typing { user: user.into(), peer: peer.into() };
-                self.request(Pending::Other, request);
+            50..=54 if self.nodes[i].up => {
+                self.fault(Fault::DiskError);
+                let applied = self.rng.gen_bool(0.5);
+                // The disk answers EIO; the node must stop and restart from what is on disk.
+                let _ = self.nodes[i].app.fail_sync(applied);
             }
-            35..=64 => {
-                let browser = self.rng.gen_range(0..self.browsers.len());
-                if self.browsers[browser].waiting.is_none() {
-                    let timeout_ms = self.rng.gen_range(0..5) * 1000;
-                    let since = self.browsers[browser].cursor.clone();
-                    let request = Request::Sync { user: self.browsers[browser].user.into(), since, timeout_ms };
-                    self.request(Pending::Sync { browser }, request);
-                }
+            55..=64 => {
+                let j = self.rng.gen_range(0..count);
+                self.fault(Fault::ConnectionReset);
+                self.net.reset(i, j);
             }
-            65..=84 => self.disk.sync(),
-            85..=96 => {
-                self.now_ms += self.rng.gen_range(1..800);
-                self.core.tick(self.now_ms);
-            }
-            97..=99 if faults => self.crash(),
             _ => {}
         }
-        self.drain()?;
-        self.check_deadlines()
-    }
-
-    /// The process dies: unsynced writes are lost, requests in flight get no answer.
-    fn crash(&mut self) {
-        self.crashes += 1;
-        self.record("crash");
-        self.disk.crash();
-        self.completions.lock().unwrap().clear();
-        self.pending.clear();
-        for browser in &mut self.browsers {
-            browser.waiting = None;
-        }
-        self.core =
-            NodeCore::new(core_config(self.rng.gen()), self.disk.clone(), self.now_ms).expect("the mem disk reads");
-    }
-
-    fn check_deadlines(&self) -> Result<(), String> {
-        match self.core.poll_timeout() {
-            Some(deadline) if deadline + 1000 < self.now_ms => {
-                Err(format!("a long-poll waited past its deadline {deadline}"))
-            }
-            _ if self.core.waiting() > 64 => Err("more long-polls than the cap".into()),
-            _ => Ok(()),
+        if self.net.is_partitioned() && self.now_ms >= self.heal_at {
+            self.net.heal();
         }
     }
 
-    /// Faults off: sync the disk, let time pass, and let every browser catch up.
-    fn converge(&mut self) -> Result<(), String> {
-        for _ in 0..200 {
-            self.disk.sync();
-            self.now_ms += 1000;
-            self.core.tick(self.now_ms);
-            self.drain()?;
-            for browser in 0..self.browsers.len() {
-                if self.browsers[browser].waiting.is_none() {
-                    let since = self.browsers[browser].cursor.clone();
-                    let request = Request::Sync { user: self.browsers[browser].user.into(), since, timeout_ms: 0 };
-                    self.request(Pending::Sync { browser }, request);
-                }
-            }
-            self.drain()?;
+    fn crash(&mut self, i: usize, wipe: bool) {
+        let node = &mut self.nodes[i];
+        node.up = false;
+        node.restart_at = self.now_ms + self.rng.gen_range(100..4000);
+        node.wiped |= wipe;
+        if wipe {
+            node.app.disk.wipe();
         }
-        self.check_final()
+        node.app.disk.crash();
     }
 
-    fn check_final(&self) -> Result<(), String> {
-        let mut heads: BTreeMap<StreamName, Version> = BTreeMap::new();
-        for (stream, id, version) in &self.acknowledged {
-            let stored = self.disk.find(stream, *id).map_err(|e| e.to_string())?;
-            if stored.map(|e| e.version) != Some(*version) {
-                return Err(format!("acknowledged {id} at {stream}/{version} is not stored there"));
+    fn restart_due(&mut self) -> Result<(), Failure> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].up || self.nodes[i].restart_at > self.now_ms {
+                continue;
             }
-            let (a, b) = node_core::social::chat_members(stream).expect("chat stream");
-            for user in [a, b] {
-                let copy = node_core::social::inbox_copy_id(*id, user);
-                if self.disk.find(&node_core::social::inbox_stream(user), copy).map_err(|e| e.to_string())?.is_none() {
-                    return Err(format!("acknowledged {id} is missing from inbox:{user}"));
-                }
-            }
-            heads.insert(stream.clone(), self.disk.head(stream).map_err(|e| e.to_string())?);
-        }
-        for browser in &self.browsers {
-            for (stream, head) in &heads {
-                let (a, b) = node_core::social::chat_members(stream).expect("chat stream");
-                let mine = a == browser.user || b == browser.user;
-                let seen = browser.seen.get(stream).copied().unwrap_or(0);
-                if mine && seen != head.0 {
-                    let all = self
-                        .disk
-                        .read(stream, ReadRange::After { after: Version(0), limit: 1000 })
-                        .map_err(|e| e.to_string())?;
-                    return Err(format!(
-                        "{} saw {stream} up to {seen} of {} ({} events)",
-                        browser.user,
-                        head,
-                        all.len()
-                    ));
-                }
-            }
+            let local = self.local_ms(i);
+            let life = self.nodes[i].lives + 1;
+            // A restart's identity outranks every earlier life, renewals included: like the
+            // real node, it takes its start time (here the global one, so it is unique).
+            let membership = self.membership(i, local, self.now_ms);
+            let seed = self.rng.gen();
+            let node = &mut self.nodes[i];
+            node.lives = life;
+            node.membership = membership;
+            node.app.restart(local, std::mem::take(&mut node.wiped), seed)?;
+            node.up = true;
+            node.frozen_until = 0;
         }
         Ok(())
+    }
+
+    fn deliver(&mut self) {
+        while let Some(packet) = self.net.due(self.now_ms) {
+            let to = packet.to;
+            if !self.nodes[to].up {
+                continue;
+            }
+            if self.nodes[to].frozen_until > self.now_ms {
+                let until = self.nodes[to].frozen_until;
+                self.net.hold(until, packet);
+                continue;
+            }
+            self.record(&[packet.from as u64, to as u64, packet.bytes.len() as u64]);
+            let local = self.local_ms(to);
+            let from = NodeId::new(format!("n{}", packet.from)).expect("valid");
+            let _ = self.nodes[to].membership.handle_packet(local, &from, &packet.bytes);
+        }
+    }
+
+    fn run_node(&mut self, i: usize, faults: bool) -> Result<(), Failure> {
+        if !self.nodes[i].up || self.nodes[i].frozen_until > self.now_ms {
+            return Ok(());
+        }
+        let local = self.local_ms(i);
+        let node = &mut self.nodes[i];
+        node.membership.tick(local);
+        if faults {
+            node.app.act(&mut self.rng, local)?;
+        } else {
+            node.app.settle(local)?;
+        }
+        let replies = std::mem::take(&mut node.app.trace);
+        if node.app.failed_storage {
+            // The core reported a failed sync: the process stops instead of carrying on.
+            self.crash(i, false);
+        }
+        let mut outgoing = Vec::new();
+        while let Some(transmit) = self.nodes[i].membership.poll_transmit() {
+            outgoing.push(transmit);
+        }
+        while self.nodes[i].membership.poll_event().is_some() {}
+        self.record(&replies);
+        for transmit in outgoing {
+            let Some(to) = node_index(transmit.to) else { continue };
+            let rates = faults.then_some(&self.rates);
+            let packet = Packet { from: i, to, bytes: transmit.bytes };
+            self.net.send(&mut self.rng, rates, self.now_ms, packet);
+        }
+        Ok(())
+    }
+
+    fn check_bounds(&self) -> Result<(), Failure> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.up && node.frozen_until <= self.now_ms && node.app.overdue(self.local_ms(i)) {
+                return Err(Failure::new("no long-poll outlives its deadline", format!("n{i}")));
+            }
+            if node.app.waiting() > app::WAITERS_MAX {
+                return Err(Failure::new("waiting lists stay bounded", format!("n{i}: {}", node.app.waiting())));
+            }
+        }
+        if self.net.in_flight() > net::PACKETS_IN_FLIGHT_MAX {
+            return Err(Failure::new("the network stays bounded", self.net.in_flight().to_string()));
+        }
+        Ok(())
+    }
+
+    fn converged(&self) -> bool {
+        let count = self.nodes.len();
+        self.nodes.iter().all(|node| {
+            let members = node.membership.members();
+            let alive = members.iter().filter(|(_, s)| *s == MemberState::Alive).count();
+            node.up && alive == count
+        })
+    }
+
+    /// Faults off: heal, restart and unfreeze everyone, and wait for convergence.
+    fn heal(&mut self) -> Result<u64, Failure> {
+        self.net.heal();
+        for node in &mut self.nodes {
+            node.frozen_until = 0;
+            node.restart_at = node.restart_at.min(self.now_ms);
+        }
+        let healed = self.now_ms;
+        while self.now_ms - healed < LIVENESS_MS_MAX {
+            self.step(false)?;
+            if self.converged() {
+                let took = self.now_ms - healed;
+                for i in 0..self.nodes.len() {
+                    let local = self.local_ms(i);
+                    for _ in 0..3 {
+                        self.nodes[i].app.settle(local)?;
+                    }
+                    self.nodes[i].app.check_final()?;
+                }
+                return Ok(took);
+            }
+        }
+        let views: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let members = n.membership.members();
+                let alive = members.iter().filter(|(_, s)| *s == MemberState::Alive).count();
+                let view: Vec<String> = members.iter().map(|(m, s)| format!("{}@{}:{s:?}", m.id, m.bump)).collect();
+                let local = self.local_ms(i);
+                let next = n.membership.poll_timeout().map_or(0, |t| t as i64 - local as i64);
+                format!(
+                    "n{i} (up {}, active {}, next timer in {next} ms) sees {alive} alive [{}]",
+                    n.up,
+                    n.membership.is_active(),
+                    view.join(" ")
+                )
+            })
+            .collect();
+        Err(Failure::new("membership converges after the heal", views.join(", ")))
     }
 }
 
-/// Runs one seed; `Err` names the broken promise.
-pub fn run_seed(seed: u64, steps: usize) -> Result<Outcome, String> {
-    let mut world = World::new(seed);
-    // Every browser starts with a fresh sync, before anything is written.
-    for browser in 0..world.browsers.len() {
-        let request = Request::Sync { user: world.browsers[browser].user.into(), since: None, timeout_ms: 0 };
-        world.request(Pending::Sync { browser }, request);
+/// Runs one seed with `nodes` nodes.
+pub fn run_seed(seed: u64, nodes: usize, bug: Option<Bug>) -> Outcome {
+    let mut world = World::new(seed, nodes.max(2), bug);
+    let mut result = Ok(());
+    while world.now_ms - START_MS < SAFETY_MS {
+        if let Err(failure) = world.step(true) {
+            result = Err(failure);
+            break;
+        }
     }
-    world.drain()?;
-    for _ in 0..steps {
-        world.step(true)?;
+    let mut convergence_ms = None;
+    if result.is_ok() {
+        match world.heal() {
+            Ok(took) => convergence_ms = Some(took),
+            Err(failure) => result = Err(failure),
+        }
     }
-    world.converge()?;
-    Ok(Outcome {
-        seed,
-        trace_hash: world.trace,
-        acknowledged: world.acknowledged.len(),
-        crashes: world.crashes,
-        delivered: world.delivered,
-    })
+    let mut faults = world.faults.clone();
+    faults.insert(Fault::Drop, world.net.dropped);
+    faults.insert(Fault::Duplicate, world.net.duplicated);
+    Outcome { seed, trace: world.trace, result, simulated_ms: world.now_ms - START_MS, faults, convergence_ms }
 }

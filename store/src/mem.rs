@@ -127,6 +127,24 @@ impl MemStore {
         self.inner.lock().unsynced.len()
     }
 
+    /// A sync that fails with EIO: the unsynced appends are made durable (`applied`) or lost,
+    /// and every one of them completes with `Uncertain`, as a real failed fsync leaves them.
+    pub fn fail_sync(&self, applied: bool) {
+        let pending = {
+            let mut inner = self.inner.lock();
+            let pending = std::mem::take(&mut inner.unsynced);
+            if applied {
+                for (batch, _) in &pending {
+                    inner.synced.apply(batch.clone());
+                }
+            }
+            pending
+        };
+        for (_, completion) in pending {
+            completion(Err(StoreError::Uncertain("EIO from the simulated disk".into())));
+        }
+    }
+
     /// A process crash: unsynced appends are lost and their completions never run.
     pub fn crash(&self) {
         self.inner.lock().unsynced.clear();

@@ -29,6 +29,19 @@ pub struct Config {
     pub signals_per_user_max: usize,
     /// Seeds the generator of event ids.
     pub seed: u64,
+    /// A rule broken on purpose (simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub bug: Option<PlantedBug>,
+}
+
+/// Rules the simulator can break on purpose, to show that its checkers catch them.
+#[cfg(feature = "planted-bugs")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Acknowledge appends when they are handed to the store, before they are durable.
+    AckBeforeSync,
+    /// Skip re-appending the inbox copies a crash interrupted.
+    SkipInboxRepair,
 }
 
 impl Default for Config {
@@ -44,6 +57,8 @@ impl Default for Config {
             signal_ttl_ms: 5_000,
             signals_per_user_max: 16,
             seed: 0x6772_6964_646c_65,
+            #[cfg(feature = "planted-bugs")]
+            bug: None,
         }
     }
 }
@@ -159,7 +174,12 @@ impl NodeCore {
     /// the copies are the first outputs, before anything this core is asked later.
     pub fn new(config: Config, store: Arc<dyn Store>, now_ms: u64) -> Result<NodeCore, StoreError> {
         let mut core = NodeCore::empty(config, store);
-        let markers = core.store.meta_scan(COPY_MARKER, usize::MAX)?;
+        #[cfg_attr(not(feature = "planted-bugs"), allow(unused_mut))]
+        let mut markers = core.store.meta_scan(COPY_MARKER, usize::MAX)?;
+        #[cfg(feature = "planted-bugs")]
+        if core.config.bug == Some(PlantedBug::SkipInboxRepair) {
+            markers.clear();
+        }
         for (key, _) in markers {
             let (stream, version) = parse_copy_marker(&key).ok_or_else(|| StoreError::Corrupt("copy marker".into()))?;
             let range = ReadRange::After { after: Version(version.0 - 1), limit: 1 };
@@ -413,6 +433,18 @@ impl NodeCore {
             let batch = WriteBatch { events: fresh.clone(), meta };
             self.batches.insert(batch_id, Batch { events: fresh, jobs: Vec::new() });
             self.outputs.push_back(Output::Persist(batch_id, batch));
+        }
+        #[cfg(feature = "planted-bugs")]
+        if self.config.bug == Some(PlantedBug::AckBeforeSync) && job.waiting.contains(&batch_id) {
+            let fresh = &self.batches[&batch_id].events;
+            for (stream, id, slot) in &mut job.slots {
+                if slot.is_none() {
+                    *slot = fresh.iter().find(|e| e.stream == *stream && e.id == *id).cloned();
+                }
+            }
+            if job.slots.iter().all(|(_, _, slot)| slot.is_some()) {
+                job.waiting.clear();
+            }
         }
         for batch in &job.waiting {
             self.batches.get_mut(batch).expect("pending ids point at batches in flight").jobs.push(job_id);

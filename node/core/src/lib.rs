@@ -34,4 +34,6 @@ pub mod api;
 mod core;
 pub mod social;
 
+#[cfg(feature = "planted-bugs")]
+pub use crate::core::PlantedBug;
 pub use crate::core::{page, read_only, BatchId, Config, NodeCore, Output};
