@@ -127,6 +127,8 @@ struct World {
     faults: BTreeMap<Fault, u64>,
     trace: u64,
     heal_at: u64,
+    /// Print faults and membership events as they happen (replaying one seed).
+    verbose: bool,
 }
 
 impl World {
@@ -147,6 +149,7 @@ impl World {
             faults: BTreeMap::new(),
             trace: 0xcbf2_9ce4_8422_2325,
             heal_at: 0,
+            verbose: false,
         };
         for i in 0..count {
             let drift_ppm = world.rng.gen_range(-20_000..20_000);
@@ -206,9 +209,16 @@ impl World {
         }
     }
 
-    fn fault(&mut self, fault: Fault) {
+    fn fault(&mut self, fault: Fault, node: usize) {
         *self.faults.entry(fault).or_default() += 1;
         self.record(&[fault as u64 + 1000]);
+        self.say(format_args!("fault {fault:?} at n{node}"));
+    }
+
+    fn say(&self, what: std::fmt::Arguments<'_>) {
+        if self.verbose {
+            println!("{:>8.3}s {what}", (self.now_ms - START_MS) as f64 / 1000.0);
+        }
     }
 
     fn step(&mut self, faults: bool) -> Result<(), Failure> {
@@ -230,15 +240,15 @@ impl World {
         match self.rng.gen_range(0..10_000) {
             0..=14 if self.nodes[i].up => {
                 let wipe = self.rng.gen_bool(0.1);
-                self.fault(if wipe { Fault::Wipe } else { Fault::Crash });
+                self.fault(if wipe { Fault::Wipe } else { Fault::Crash }, i);
                 self.crash(i, wipe);
             }
             15..=29 if self.nodes[i].up && self.nodes[i].frozen_until <= self.now_ms => {
-                self.fault(Fault::Freeze);
+                self.fault(Fault::Freeze, i);
                 self.nodes[i].frozen_until = self.now_ms + self.rng.gen_range(200..3000);
             }
             30..=39 if !self.net.is_partitioned() => {
-                self.fault(Fault::Partition);
+                self.fault(Fault::Partition, i);
                 match self.rng.gen_range(0..3) {
                     0 => (0..count).filter(|j| *j != i).for_each(|j| {
                         self.net.block(i, j);
@@ -262,18 +272,18 @@ impl World {
                 self.heal_at = self.now_ms + self.rng.gen_range(500..8000);
             }
             40..=49 => {
-                self.fault(Fault::ClockJump);
+                self.fault(Fault::ClockJump, i);
                 self.nodes[i].offset_ms += self.rng.gen_range(-3000..3000);
             }
             50..=54 if self.nodes[i].up => {
-                self.fault(Fault::DiskError);
+                self.fault(Fault::DiskError, i);
                 let applied = self.rng.gen_bool(0.5);
                 // The disk answers EIO; the node must stop and restart from what is on disk.
                 let _ = self.nodes[i].app.fail_sync(applied);
             }
             55..=64 => {
                 let j = self.rng.gen_range(0..count);
-                self.fault(Fault::ConnectionReset);
+                self.fault(Fault::ConnectionReset, i);
                 self.net.reset(i, j);
             }
             _ => {}
@@ -291,7 +301,8 @@ impl World {
         if wipe {
             node.app.disk.wipe();
         }
-        node.app.disk.crash();
+        let kept = self.rng.gen_range(0..=node.app.disk.unsynced());
+        node.app.disk.crash_keeping(kept);
     }
 
     fn restart_due(&mut self) -> Result<(), Failure> {
@@ -354,7 +365,9 @@ impl World {
         while let Some(transmit) = self.nodes[i].membership.poll_transmit() {
             outgoing.push(transmit);
         }
-        while self.nodes[i].membership.poll_event().is_some() {}
+        while let Some(event) = self.nodes[i].membership.poll_event() {
+            self.say(format_args!("n{i}: {event:?}"));
+        }
         self.record(&replies);
         for transmit in outgoing {
             let Some(to) = node_index(transmit.to) else { continue };
@@ -397,6 +410,7 @@ impl World {
             node.restart_at = node.restart_at.min(self.now_ms);
         }
         let healed = self.now_ms;
+        self.say(format_args!("heal: faults off"));
         while self.now_ms - healed < LIVENESS_MS_MAX {
             self.step(false)?;
             if self.converged() {
@@ -433,9 +447,10 @@ impl World {
     }
 }
 
-/// Runs one seed with `nodes` nodes.
-pub fn run_seed(seed: u64, nodes: usize, bug: Option<Bug>) -> Outcome {
+/// Runs one seed with `nodes` nodes; `verbose` prints every fault and membership event.
+pub fn run_seed(seed: u64, nodes: usize, bug: Option<Bug>, verbose: bool) -> Outcome {
     let mut world = World::new(seed, nodes.max(2), bug);
+    world.verbose = verbose;
     let mut result = Ok(());
     while world.now_ms - START_MS < SAFETY_MS {
         if let Err(failure) = world.step(true) {

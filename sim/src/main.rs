@@ -1,5 +1,6 @@
 //! `cargo run --release -p sim -- --seeds N [--from S] [--nodes K] [--bug NAME] [--twice]`,
-//! `--seed S` to replay one seed, `--list-bugs`.
+//! `--seed S` to replay one seed with its trace (every fault and membership event),
+//! `--list-bugs`.
 //!
 //! Prints `seed=<S> trace=<hash> ok|FAIL <invariant>` per seed and the run's figures. With
 //! `--bug`, succeeds only if some seed caught the planted bug (it stops at the first). With
@@ -54,7 +55,7 @@ fn main() -> ExitCode {
     let mut faults: BTreeMap<Fault, u64> = BTreeMap::new();
     let mut convergence: Vec<u64> = Vec::new();
     for (n, seed) in seeds.iter().copied().enumerate() {
-        let outcome = run_seed(seed, nodes, bug);
+        let outcome = run_seed(seed, nodes, bug, seeds.len() == 1);
         ran += 1;
         simulated_ms += outcome.simulated_ms;
         for (fault, count) in &outcome.faults {
@@ -66,7 +67,7 @@ fn main() -> ExitCode {
             Err(failure) => format!("FAIL {}", failure.invariant),
         };
         if twice {
-            let again = run_seed(seed, nodes, bug);
+            let again = run_seed(seed, nodes, bug, false);
             if again.trace != outcome.trace {
                 verdict = format!("FAIL determinism (second run gave trace={:016x})", again.trace);
             }

@@ -147,7 +147,18 @@ impl MemStore {
 
     /// A process crash: unsynced appends are lost and their completions never run.
     pub fn crash(&self) {
-        self.inner.lock().unsynced.clear();
+        self.crash_keeping(0);
+    }
+
+    /// A process crash in which the first `kept` unsynced appends happened to reach the disk
+    /// (durable, but never acknowledged) and the rest are lost: a random suffix of what was
+    /// not synced, as a real crash loses it.
+    pub fn crash_keeping(&self, kept: usize) {
+        let mut inner = self.inner.lock();
+        let unsynced = std::mem::take(&mut inner.unsynced);
+        for (batch, _) in unsynced.into_iter().take(kept) {
+            inner.synced.apply(batch);
+        }
     }
 
     /// A disk wipe: everything is lost.

@@ -29,6 +29,14 @@ fn sync(node: &Node, token: &str, since: Option<&str>, timeout: u64) -> Value {
     body
 }
 
+/// A long-poll on another thread; join it for the answer.
+fn get_in_background(node: &Node, path: &str, token: &str) -> std::thread::JoinHandle<Value> {
+    let (url, token) = (format!("{}{path}", node.url), token.to_owned());
+    std::thread::spawn(move || {
+        ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap().into_json::<Value>().unwrap()
+    })
+}
+
 #[test]
 fn chat_messages_unread_counts_and_read_markers() {
     let (_dir, node) = node();
@@ -108,17 +116,7 @@ fn sync_wakes_within_50ms_of_an_append_and_carries_typing() {
 
     // Typing: a signal, delivered to a waiting sync, never stored.
     let cursor = body["cursor"].as_str().unwrap().to_owned();
-    let waiting = {
-        let (node_url, bob) = (node.url.clone(), bob.clone());
-        std::thread::spawn(move || {
-            ureq::get(&format!("{node_url}/v1/sync?since={cursor}&timeout=10"))
-                .set("Authorization", &format!("Bearer {bob}"))
-                .call()
-                .unwrap()
-                .into_json::<Value>()
-                .unwrap()
-        })
-    };
+    let waiting = get_in_background(&node, &format!("/v1/sync?since={cursor}&timeout=10"), &bob);
     std::thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
     assert_eq!(node.post("/v1/chats/bob/typing", Some(&alice), "").0, 204);
@@ -200,17 +198,7 @@ fn generic_streams_for_services() {
     assert_eq!((page["events"][0]["version"].as_u64(), page["head"].as_u64()), (Some(2), Some(2)));
     assert_eq!(node.get("/v1/streams/orders:7/events?after=1&before=2", Some(&service)).0, 400);
 
-    let waiting = {
-        let (url, service) = (node.url.clone(), service.clone());
-        std::thread::spawn(move || {
-            ureq::get(&format!("{url}/v1/streams/orders:7/events?after=2&wait=10"))
-                .set("Authorization", &format!("Bearer {service}"))
-                .call()
-                .unwrap()
-                .into_json::<Value>()
-                .unwrap()
-        })
-    };
+    let waiting = get_in_background(&node, "/v1/streams/orders:7/events?after=2&wait=10", &service);
     std::thread::sleep(Duration::from_millis(200));
     node.post("/v1/streams/orders:7/events", Some(&service), r#"[{"type": "order.shipped"}]"#);
     let woke = waiting.join().unwrap();
