@@ -202,6 +202,12 @@ impl App {
                     return Err(Failure::new("no reset from a valid cursor", format!("{} was reset", b.user)));
                 }
                 b.cursor = Some(sync.cursor);
+                // A fresh sync (first, or after a reset) hands over history up to its cursor,
+                // as the chat list's last messages: the browser continues from there.
+                for chat in sync.snapshot.iter().flat_map(|s| &s.chats) {
+                    let last = b.seen.entry(chat.last.stream.clone()).or_insert(0);
+                    *last = (*last).max(chat.last.version.0);
+                }
                 for item in sync.items {
                     let SyncItem::Event(event) = item else { continue };
                     if !event.stream.as_str().starts_with("chat:") {
