@@ -262,7 +262,11 @@ impl Driver {
             }
             Incoming::Connected(addr, connection, peer) => {
                 tokio::spawn(read(connection.clone(), peer.clone(), self.incoming_tx.clone()));
-                let pending = match self.peers.insert(addr, Peer::Connected(connection, peer)) {
+                let previous = self.peers.insert(addr, Peer::Connected(connection, peer));
+                if let Some(Peer::Connected(old, _)) = &previous {
+                    old.close(0u32.into(), b"replaced");
+                }
+                let pending = match previous {
                     Some(Peer::Connecting(pending)) => pending,
                     _ => Vec::new(),
                 };
@@ -298,9 +302,10 @@ impl Driver {
         match self.peers.get_mut(&transmit.to) {
             Some(Peer::Connected(connection, peer)) if connection.close_reason().is_none() => {
                 if transmit.expect.as_ref().is_some_and(|expect| expect != peer) {
-                    tracing::debug!(to = %transmit.to, %peer, "the node at this address changed; reconnecting");
-                    self.peers.remove(&transmit.to);
-                    return self.send(transmit);
+                    // Another node now answers at this address: a packet for the old one is
+                    // pointless there (and reconnecting would only find the same node).
+                    tracing::debug!(to = %transmit.to, %peer, "dropped a packet for a node no longer at this address");
+                    return;
                 }
                 send_on(connection, transmit.bytes);
             }

@@ -69,8 +69,14 @@ impl Driver {
             loop {
                 let Some(driver) = weak.upgrade() else { return };
                 let now = now_ms();
-                let deadline = driver.inner.lock().core.poll_timeout().unwrap_or(u64::MAX).min(now + 1000);
-                driver.armed_ms.store(deadline, Ordering::Relaxed);
+                let deadline = {
+                    // Armed under the lock, so a request that adds an earlier deadline after
+                    // this sees it and wakes us.
+                    let inner = driver.inner.lock();
+                    let deadline = inner.core.poll_timeout().unwrap_or(u64::MAX).min(now + 1000);
+                    driver.armed_ms.store(deadline, Ordering::Relaxed);
+                    deadline
+                };
                 let sleep = Duration::from_millis(deadline.saturating_sub(now));
                 tokio::select! {
                     _ = tokio::time::sleep(sleep) => {}

@@ -135,6 +135,7 @@ fn write_groups(
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     let mut previous_group_len = 0;
+    let mut failure: Option<String> = None;
     while let Ok(first) = inbox.recv() {
         let mut group = vec![first];
         let mut events = group[0].0.events.len();
@@ -164,10 +165,17 @@ fn write_groups(
                 }
             }
         }
-        let result = {
-            let _held = gate.lock();
-            db.write_opt(batch, &sync).map_err(|e| StoreError::Uncertain(format!("synced write: {e}")))
+        let result = match &failure {
+            // Later batches may continue versions of the failed one: refuse them all.
+            Some(error) => Err(StoreError::Failed(format!("an earlier write failed: {error}"))),
+            None => {
+                let _held = gate.lock();
+                db.write_opt(batch, &sync).map_err(|e| StoreError::Uncertain(format!("synced write: {e}")))
+            }
         };
+        if let (Err(error), None) = (&result, &failure) {
+            failure = Some(error.to_string());
+        }
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         stats.appends.fetch_add(group.len() as u64, Ordering::Relaxed);
         stats.events.fetch_add(events as u64, Ordering::Relaxed);

@@ -168,6 +168,8 @@ impl<B: Backend> Call<'_, B> {
                 #[derive(Deserialize)]
                 struct Body {
                     id: Option<String>,
+                    // Optional so that a retry of a known id is answered whatever its body.
+                    #[serde(default)]
                     text: String,
                 }
                 let body: Body = parse_body(&self.body)?;

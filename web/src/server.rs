@@ -213,7 +213,11 @@ async fn read_body(config: &WebConfig, request: Request<Incoming>) -> Result<Byt
         return Err(ApiError::too_large());
     }
     let limited = Limited::new(request.into_body(), config.body_bytes_max);
-    match limited.collect().await {
+    // A client that trickles its body does not hold a connection slot for long.
+    let Ok(collected) = tokio::time::timeout(config.header_read_timeout, limited.collect()).await else {
+        return Err(ApiError::bad_request("the request body did not arrive in time"));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large()),
         Err(_) => Err(ApiError::bad_request("the request body could not be read")),

@@ -307,12 +307,23 @@ impl NodeCore {
         text: String,
     ) -> Answer {
         check_peer(&user, &peer)?;
+        let stream = social::chat_stream(&user, &peer);
+        if let Some(id) = id {
+            // A known id is answered with the stored message, whatever the body.
+            self.cache_stream(&stream)?;
+            let known = self.streams[&stream].pending.contains_key(&id)
+                || self.store.find(&stream, id).map_err(unavailable)?.is_some();
+            if known {
+                let item = self.item(now_ms, stream, Some(id), social::TYPE_MESSAGE, &user, String::new());
+                return self.submit(now_ms, vec![item], Then::CopyToInboxes(request));
+            }
+        }
         let chars = text.chars().count();
         if chars == 0 || chars > TEXT_CHARS_MAX {
             return Err(CoreError::BadRequest(format!("text must be 1 to {TEXT_CHARS_MAX} characters")));
         }
         let data = serde_json::json!({ "text": text }).to_string();
-        let item = self.item(now_ms, social::chat_stream(&user, &peer), id, social::TYPE_MESSAGE, &user, data);
+        let item = self.item(now_ms, stream, id, social::TYPE_MESSAGE, &user, data);
         self.submit(now_ms, vec![item], Then::CopyToInboxes(request))
     }
 
@@ -382,28 +393,34 @@ impl NodeCore {
         if self.batches.len() >= self.config.batches_in_flight_max && !matches!(then, Then::Copied { .. }) {
             return Err(CoreError::Overloaded("too many appends in flight".into()));
         }
+        self.trim_stream_cache();
+        // First every fallible read, so that a storage error leaves nothing half-sequenced.
+        let mut found: Vec<Option<Event>> = Vec::with_capacity(items.len());
+        for item in &items {
+            self.cache_stream(&item.stream)?;
+            let pending = self.streams[&item.stream].pending.contains_key(&item.id);
+            found.push(if pending { None } else { self.store.find(&item.stream, item.id).map_err(unavailable)? });
+        }
         let batch_id = BatchId(self.next_batch);
         let mut job = Job { slots: Vec::with_capacity(items.len()), waiting: HashSet::new(), created: false, then };
         let mut fresh: Vec<Event> = Vec::new();
-        for item in items {
+        for (item, stored) in items.into_iter().zip(found) {
             let slot = (item.stream.clone(), item.id, None);
             if let Some(earlier) = job.slots.iter().find(|(s, id, _)| *s == item.stream && *id == item.id) {
                 let earlier = earlier.2.clone(); // The same id twice in one request: one event.
                 job.slots.push((item.stream, item.id, earlier));
                 continue;
             }
-            self.cache_stream(&item.stream)?;
             let state = self.streams.get_mut(&item.stream).expect("cached above");
             if let Some(batch) = state.pending.get(&item.id) {
                 job.waiting.insert(*batch); // A retry overtook its first attempt: wait for it.
                 job.slots.push(slot);
                 continue;
             }
-            if let Some(stored) = self.store.find(&item.stream, item.id).map_err(unavailable)? {
+            if let Some(stored) = stored {
                 job.slots.push((item.stream, item.id, Some(stored)));
                 continue;
             }
-            let state = self.streams.get_mut(&item.stream).expect("cached above");
             state.assigned = state.assigned.next();
             state.pending.insert(item.id, batch_id);
             fresh.push(Event {
@@ -461,22 +478,26 @@ impl NodeCore {
         if self.streams.contains_key(stream) {
             return Ok(());
         }
-        if self.streams.len() >= self.config.streams_cached_max {
-            // Forget idle streams; their heads are on disk.
-            let idle: Vec<StreamName> = self
-                .streams
-                .iter()
-                .filter(|(_, s)| s.pending.is_empty())
-                .map(|(n, _)| n.clone())
-                .take(self.streams.len() / 4 + 1)
-                .collect();
-            for name in idle {
-                self.streams.remove(&name);
-            }
-        }
         let head = self.store.head(stream).map_err(unavailable)?;
         self.streams.insert(stream.clone(), StreamState { head, assigned: head, pending: HashMap::new() });
         Ok(())
+    }
+
+    /// Forgets idle streams (their heads are on disk) when the cache is over its bound.
+    fn trim_stream_cache(&mut self) {
+        if self.streams.len() <= self.config.streams_cached_max {
+            return;
+        }
+        let idle: Vec<StreamName> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.pending.is_empty())
+            .map(|(n, _)| n.clone())
+            .take(self.streams.len() - self.config.streams_cached_max * 3 / 4)
+            .collect();
+        for name in idle {
+            self.streams.remove(&name);
+        }
     }
 
     /// The durable head, as readers see it. (The cached head in `streams` can trail it for
@@ -489,6 +510,9 @@ impl NodeCore {
     /// A batch handed out by `Output::Persist` is durable (or failed).
     pub fn persisted(&mut self, now_ms: u64, batch_id: BatchId, result: Result<(), StoreError>) {
         let batch = self.batches.remove(&batch_id).expect("persisted reports a batch in flight");
+        if self.failed {
+            return; // After a failed write nothing more is applied: the node restarts from disk.
+        }
         if let Err(error) = result {
             // Whether it is on disk is unknown, and later batches may depend on it: stop.
             self.failed = true;
@@ -618,7 +642,11 @@ impl NodeCore {
             inbox: self.head(&social::inbox_stream(user))?,
             feed: self.head(&social::feed_stream(user))?,
             flags: self.head(&social::flags_stream())?,
-            signals_after: self.signal_stamp.max(now_ms * 1000),
+            signals_after: {
+                // Later signals, even in this millisecond, get larger stamps.
+                self.signal_stamp = self.signal_stamp.max(now_ms * 1000);
+                self.signal_stamp
+            },
         };
         let Reply::Page { events: feed, head: feed_head } =
             page(&*self.store, &social::feed_stream(user), None, None, SYNC_FEED_PAGE_LEN)?
@@ -665,12 +693,15 @@ impl NodeCore {
             items.extend(feed.into_iter().map(SyncItem::Event));
         }
         let flags = self.flags()?;
-        if flags.applied > cursor.flags {
+        if flags.applied > cursor.flags && items.len() < PAGE_LEN_MAX {
             next.flags = flags.applied;
             items.push(SyncItem::Flags(flags.evaluate(user)));
         }
         let ttl = self.config.signal_ttl_ms;
         for signal in self.signals.get(user).into_iter().flatten() {
+            if items.len() == PAGE_LEN_MAX {
+                break; // At most 100 items per answer; the rest come in the next one.
+            }
             if signal.stamp > cursor.signals_after && signal.time_ms + ttl > now_ms {
                 next.signals_after = signal.stamp;
                 items.push(SyncItem::Typing { from: signal.from.clone(), time_ms: signal.time_ms });
@@ -734,6 +765,9 @@ impl NodeCore {
         for request in waiting {
             let Some((Wait::Stream { after, limit, .. }, _)) = self.waits.get(&request) else { continue };
             let answer = page(&*self.store, stream, Some(*after), None, *limit).unwrap_or_else(Reply::Error);
+            if matches!(&answer, Reply::Page { events, .. } if events.is_empty()) {
+                continue; // Nothing after `after` yet: keep waiting.
+            }
             self.unwait(0, request);
             self.reply(request, answer);
         }
@@ -921,7 +955,10 @@ pub fn page(
         Some(after) => ReadRange::After { after, limit },
         None => ReadRange::Before { before, limit },
     };
-    let events = store.read(stream, range).map_err(unavailable)?;
     let head = store.head(stream).map_err(unavailable)?;
+    if after.is_some_and(|after| after > head) || before.is_some_and(|before| before.0 > head.0 + 1) {
+        return Err(CoreError::BadRequest(format!("{stream} has {head} events: after and before must be within it")));
+    }
+    let events = store.read(stream, range).map_err(unavailable)?;
     Ok(Reply::Page { events, head })
 }

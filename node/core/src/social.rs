@@ -109,14 +109,15 @@ pub fn parse_read_marker(event: &Event) -> Option<(String, Version)> {
 pub struct InboxSummary {
     pub applied: Version,
     peers: HashMap<String, PeerSummary>,
+    /// The user's own read marker per conversation. Kept apart from `peers` because a marker
+    /// can be folded before the message it marks has its inbox copy.
+    markers: HashMap<String, Version>,
 }
 
 #[derive(Clone, Debug)]
 struct PeerSummary {
     last: Event,
-    /// The user's own read marker in this conversation.
-    marker: Version,
-    /// Versions of the peer's messages above the marker.
+    /// Versions of the peer's messages above the user's marker.
     unread: BTreeSet<u64>,
 }
 
@@ -130,35 +131,43 @@ impl InboxSummary {
                 let Some(message) = unwrap_inbox_copy(event) else { return };
                 let Some((a, b)) = chat_members(&message.stream) else { return };
                 let peer = if a == user { b } else { a }.to_owned();
-                let from_me = message.from == user;
-                let version = message.version;
-                let summary = self.peers.entry(peer).or_insert_with(|| PeerSummary {
-                    last: message.clone(),
-                    marker: Version::ZERO,
-                    unread: BTreeSet::new(),
-                });
+                let (from_me, version) = (message.from == user, message.version);
+                let marker = self.marker(&peer);
+                let summary = self
+                    .peers
+                    .entry(peer.clone())
+                    .or_insert_with(|| PeerSummary { last: message.clone(), unread: BTreeSet::new() });
                 if message.version >= summary.last.version {
                     summary.last = message;
                 }
                 if from_me {
-                    summary.mark_read(version);
-                } else if version > summary.marker {
+                    self.mark_read(&peer, version);
+                } else if version > marker {
                     summary.unread.insert(version.0);
                 }
             }
             TYPE_READ => {
                 if let Some((peer, version)) = parse_read_marker(event) {
-                    if let Some(summary) = self.peers.get_mut(&peer) {
-                        summary.mark_read(version);
-                    }
+                    self.mark_read(&peer, version);
                 }
             }
             _ => {}
         }
     }
 
+    fn mark_read(&mut self, peer: &str, version: Version) {
+        let marker = self.markers.entry(peer.to_owned()).or_default();
+        if version <= *marker {
+            return;
+        }
+        *marker = version;
+        if let Some(summary) = self.peers.get_mut(peer) {
+            summary.unread = summary.unread.split_off(&(version.0 + 1));
+        }
+    }
+
     pub fn marker(&self, peer: &str) -> Version {
-        self.peers.get(peer).map_or(Version::ZERO, |p| p.marker)
+        self.markers.get(peer).copied().unwrap_or_default()
     }
 
     pub fn unread(&self) -> Unread {
@@ -182,15 +191,6 @@ impl InboxSummary {
         chats.sort_by(|a, b| b.last.time_ms.cmp(&a.last.time_ms).then_with(|| a.peer.cmp(&b.peer)));
         chats.truncate(limit);
         chats
-    }
-}
-
-impl PeerSummary {
-    fn mark_read(&mut self, version: Version) {
-        if version > self.marker {
-            self.marker = version;
-            self.unread = self.unread.split_off(&(version.0 + 1));
-        }
     }
 }
 
@@ -303,6 +303,25 @@ mod tests {
         assert_eq!(chats.iter().map(|c| c.peer.as_str()).collect::<Vec<_>>(), ["carol", "bob"]);
         assert_eq!(summary.chats(Some(14), 10).len(), 1);
         assert_eq!(summary.marker("carol"), Version(2));
+    }
+
+    #[test]
+    fn a_marker_folded_before_its_message_still_counts() {
+        let mut summary = InboxSummary::default();
+        let read = Event {
+            id: EventId(1),
+            stream: inbox_stream("alice"),
+            version: Version(1),
+            kind: TYPE_READ.into(),
+            from: "alice".into(),
+            time_ms: 9,
+            data: read_marker_data("bob", Version(1)),
+        };
+        summary.apply("alice", &read);
+        summary.apply("alice", &copy(2, &message("alice", "bob", 1, "bob", 10)));
+        assert_eq!(summary.unread().total, 0);
+        summary.apply("alice", &copy(3, &message("alice", "bob", 2, "bob", 11)));
+        assert_eq!(summary.unread().total, 1);
     }
 
     #[test]

@@ -62,6 +62,8 @@ fn chat_messages_unread_counts_and_read_markers() {
     let (status, again) =
         node.post("/v1/chats/bob/messages", Some(&alice), &json!({ "id": id, "text": "other" }).to_string());
     assert_eq!((status, &again["event"]), (200, event));
+    let (status, again) = node.post("/v1/chats/bob/messages", Some(&alice), &json!({ "id": id }).to_string());
+    assert_eq!((status, &again["event"]), (200, event), "even without a text");
 
     let next = sync(&node, &bob, fresh["cursor"].as_str(), 5);
     assert_eq!(next["events"], json!([event]), "sync unwraps the inbox copy to the message itself");
@@ -256,6 +258,10 @@ fn every_error_case_of_the_contract() {
     check("GET", "/v1/chats?limit=0", Some(&alice), None, 400, "bad_request");
     check("GET", "/v1/chats?limit=101", Some(&alice), None, 400, "bad_request");
     check("GET", "/v1/feed?before=0", Some(&alice), None, 400, "bad_request");
+    check("GET", "/v1/feed?before=2", Some(&alice), None, 400, "bad_request"); // The feed is empty.
+    assert_eq!(node.get("/v1/feed?before=1", Some(&alice)).0, 200, "before = head + 1 is the newest page");
+    let service = mint("backend", 60, true);
+    check("GET", "/v1/streams/empty/events?after=1&wait=1", Some(&service), None, 400, "bad_request");
     check("GET", "/v1/sync?timeout=61", Some(&alice), None, 400, "bad_request");
     check("GET", "/v1/chats/bo%20b/messages", Some(&alice), None, 400, "bad_request");
     check("GET", "/v1/streams/x/events", Some(&alice), None, 403, "forbidden");
