@@ -11,6 +11,10 @@
 //!   connection, its own and the peer's.
 //! - The driver task owns the membership machine; it reads the clock through the function
 //!   it is given, keeps one deadline (the machine's `poll_timeout`), and publishes a view.
+//! - Requests: [`Mesh::request`] sends bytes to a member by node id on a bidirectional
+//!   stream and returns the answer that member's [`Handler`] gave; the later issues
+//!   (forwarding, replication, live push) build on it. Requests use their own cached
+//!   connection per member, checked to be that member by its certificate.
 //!
 //! Bounds: the incoming packet queue (`INCOMING_LEN_MAX`, overflow dropped: SWIM tolerates
 //! loss), packets waiting for a connection (`PENDING_LEN_MAX` per peer), stream packets
@@ -33,6 +37,12 @@ use crate::tls::{self, Credentials, TlsError};
 const INCOMING_LEN_MAX: usize = 4096;
 const PENDING_LEN_MAX: usize = 16;
 const STREAM_BYTES_MAX: usize = 64 * 1024;
+/// Largest request or response body on a request stream.
+pub const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Answers requests from other members: (who asked, what) to the response bytes.
+pub type Handler =
+    Arc<dyn Fn(NodeId, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>> + Send + Sync>;
 
 /// Milliseconds since the Unix epoch; the node owns the clock.
 pub type Clock = fn() -> u64;
@@ -47,6 +57,8 @@ pub struct MeshConfig {
     pub clock: Clock,
     /// Seeds the membership machine's randomness.
     pub seed: u64,
+    /// Answers [`Mesh::request`]s from other members; `None` refuses them.
+    pub handler: Option<Handler>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +71,18 @@ pub enum MeshError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("QUIC configuration: {0}")]
     Config(String),
+    #[error("no live member {0}")]
+    NoSuchMember(NodeId),
+    #[error("request to {to}: {reason}")]
+    Request { to: NodeId, reason: String },
 }
 
 /// A running mesh endpoint. Dropping it stops nothing: call [`Mesh::leave`] to leave.
 pub struct Mesh {
     commands: mpsc::Sender<Command>,
+    endpoint: Endpoint,
+    /// Connections used for requests, by member.
+    request_connections: tokio::sync::Mutex<HashMap<NodeId, Connection>>,
     active: Arc<std::sync::atomic::AtomicBool>,
     view: Arc<parking_lot::Mutex<Vec<(Identity, MemberState)>>>,
     events: broadcast::Sender<MemberEvent>,
@@ -94,11 +113,12 @@ impl Mesh {
         let view = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (events, _) = broadcast::channel(1024);
-        tokio::spawn(accept(endpoint.clone(), incoming_tx.clone()));
+        tokio::spawn(accept(endpoint.clone(), incoming_tx.clone(), config.handler.clone()));
         let membership = Membership::new(config.identity, config.seeds, config.profile, config.seed, (config.clock)());
         let driver = Driver {
             membership,
-            endpoint,
+            endpoint: endpoint.clone(),
+            handler: config.handler,
             clock: config.clock,
             peers: HashMap::new(),
             incoming_tx,
@@ -107,7 +127,7 @@ impl Mesh {
             events: events.clone(),
         };
         tokio::spawn(driver.run(incoming_rx, command_rx));
-        Ok(Mesh { commands, active, view, events, local_addr })
+        Ok(Mesh { commands, endpoint, request_connections: Default::default(), active, view, events, local_addr })
     }
 
     /// The address the endpoint is bound to.
@@ -127,6 +147,38 @@ impl Mesh {
 
     pub fn subscribe(&self) -> broadcast::Receiver<MemberEvent> {
         self.events.subscribe()
+    }
+
+    /// Sends `body` to the member `to` and returns its answer.
+    pub async fn request(&self, to: &NodeId, body: &[u8]) -> Result<Vec<u8>, MeshError> {
+        let failed = |reason: String| MeshError::Request { to: to.clone(), reason };
+        let connection = self.request_connection(to).await?;
+        let (mut send, mut receive) = connection.open_bi().await.map_err(|e| failed(e.to_string()))?;
+        send.write_all(body).await.map_err(|e| failed(e.to_string()))?;
+        send.finish().map_err(|e| failed(e.to_string()))?;
+        receive.read_to_end(REQUEST_BYTES_MAX).await.map_err(|e| failed(e.to_string()))
+    }
+
+    async fn request_connection(&self, to: &NodeId) -> Result<Connection, MeshError> {
+        let mut connections = self.request_connections.lock().await;
+        if let Some(connection) = connections.get(to).filter(|c| c.close_reason().is_none()) {
+            return Ok(connection.clone());
+        }
+        let addr = self
+            .members()
+            .into_iter()
+            .find(|(m, state)| m.id == *to && *state != MemberState::Down)
+            .map(|(m, _)| m.mesh_addr)
+            .ok_or_else(|| MeshError::NoSuchMember(to.clone()))?;
+        let failed = |reason: String| MeshError::Request { to: to.clone(), reason };
+        let connecting = self.endpoint.connect(addr, tls::SERVER_NAME).map_err(|e| failed(e.to_string()))?;
+        let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
+        if peer_id(&connection).as_ref() != Some(to) {
+            connection.close(0u32.into(), b"unexpected node");
+            return Err(failed(format!("the node at {addr} is not {to}")));
+        }
+        connections.insert(to.clone(), connection.clone());
+        Ok(connection)
     }
 
     /// Tells the mesh we are leaving, and waits briefly for that to be sent.
@@ -169,14 +221,14 @@ fn peer_id(connection: &Connection) -> Option<NodeId> {
     tls::node_id_of(chain.first()?)
 }
 
-async fn accept(endpoint: Endpoint, incoming: mpsc::Sender<Incoming>) {
+async fn accept(endpoint: Endpoint, incoming: mpsc::Sender<Incoming>, handler: Option<Handler>) {
     while let Some(connecting) = endpoint.accept().await {
-        let incoming = incoming.clone();
+        let (incoming, handler) = (incoming.clone(), handler.clone());
         tokio::spawn(async move {
             let remote = connecting.remote_address();
             match connecting.await {
                 Ok(connection) => match peer_id(&connection) {
-                    Some(peer) => read(connection, peer, incoming).await,
+                    Some(peer) => read(connection, peer, incoming, handler).await,
                     None => tracing::warn!(%remote, "refused a mesh peer whose certificate names no node id"),
                 },
                 Err(error) => {
@@ -187,12 +239,20 @@ async fn accept(endpoint: Endpoint, incoming: mpsc::Sender<Incoming>) {
     }
 }
 
-/// Forwards every packet a connection carries, datagram or stream, until it closes.
-async fn read(connection: Connection, peer: NodeId, incoming: mpsc::Sender<Incoming>) {
+/// Forwards every packet a connection carries, datagram or stream, and answers its
+/// requests, until it closes.
+async fn read(connection: Connection, peer: NodeId, incoming: mpsc::Sender<Incoming>, handler: Option<Handler>) {
     loop {
         let packet = tokio::select! {
             datagram = connection.read_datagram() => match datagram {
                 Ok(bytes) => bytes,
+                Err(_) => return,
+            },
+            request = connection.accept_bi() => match request {
+                Ok((send, receive)) => {
+                    tokio::spawn(answer(peer.clone(), send, receive, handler.clone()));
+                    continue;
+                }
                 Err(_) => return,
             },
             stream = connection.accept_uni() => match stream {
@@ -208,6 +268,17 @@ async fn read(connection: Connection, peer: NodeId, incoming: mpsc::Sender<Incom
     }
 }
 
+/// Answers one request stream with the handler (an empty answer when there is none).
+async fn answer(peer: NodeId, mut send: quinn::SendStream, mut receive: quinn::RecvStream, handler: Option<Handler>) {
+    let Ok(body) = receive.read_to_end(REQUEST_BYTES_MAX).await else { return };
+    let response = match handler {
+        Some(handler) => handler(peer, body).await,
+        None => Vec::new(),
+    };
+    let _ = send.write_all(&response).await;
+    let _ = send.finish();
+}
+
 enum Peer {
     Connecting(Vec<Transmit>),
     Connected(Connection, NodeId),
@@ -216,6 +287,7 @@ enum Peer {
 struct Driver {
     membership: Membership,
     endpoint: Endpoint,
+    handler: Option<Handler>,
     clock: Clock,
     peers: HashMap<SocketAddr, Peer>,
     incoming_tx: mpsc::Sender<Incoming>,
@@ -261,7 +333,7 @@ impl Driver {
                 }
             }
             Incoming::Connected(addr, connection, peer) => {
-                tokio::spawn(read(connection.clone(), peer.clone(), self.incoming_tx.clone()));
+                tokio::spawn(read(connection.clone(), peer.clone(), self.incoming_tx.clone(), self.handler.clone()));
                 let previous = self.peers.insert(addr, Peer::Connected(connection, peer));
                 if let Some(Peer::Connected(old, _)) = &previous {
                     old.close(0u32.into(), b"replaced");

@@ -53,6 +53,7 @@ pub async fn start(config: &Config, http_addr: SocketAddr) -> anyhow::Result<Mes
         credentials: credentials.clone(),
         clock: clock::now_ms,
         seed: clock::seed(),
+        handler: None, // Forwarding and replication will answer requests here.
     };
     if advertise.port() != 0 {
         return Mesh::start(mesh_config(identity(advertise), config.mesh)).await.context("start the mesh");
