@@ -25,8 +25,11 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         StoreKind::Rocksdb => {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("create {}", config.data_dir.display()))?;
-            let options =
-                store::rocks::RocksOptions { max_open_files: config.rocksdb_max_open_files, ..Default::default() };
+            let options = store::rocks::RocksOptions {
+                max_open_files: config.rocksdb_max_open_files,
+                group_delay_us: config.group_commit_delay_us,
+                ..Default::default()
+            };
             Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?)
         }
     })
