@@ -90,6 +90,14 @@ fn five_processes_detect_a_kill_within_3_seconds_and_take_the_node_back() {
         wait_until(Duration::from_secs(10), || all_alive(&nodes))
             .expect("the restarted node is back: five alive everywhere");
     }
+    // A graceful stop says goodbye: the others see it gone at once, not after a suspicion.
+    let leaver = nodes[4].take().unwrap();
+    assert!(leaver.terminate().success());
+    let took = wait_until(Duration::from_secs(5), || {
+        (0..4).all(|i| states(nodes[i].as_ref().unwrap()).iter().any(|(id, s)| id == "n4" && s == "down"))
+    });
+    let took = took.expect("a node stopped with SIGTERM is seen as gone by every other");
+    assert!(took < Duration::from_millis(1000), "leaving took {took:?} to be seen");
     detections.sort();
     let (p50, p99, max) = (quantile(&detections, 0.5), quantile(&detections, 0.99), *detections.last().unwrap());
     println!(
