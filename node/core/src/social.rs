@@ -265,6 +265,19 @@ mod tests {
         }
     }
 
+    /// Alice's read marker for her conversation with `peer`, at `inbox_version` of her inbox.
+    fn read(inbox_version: u64, peer: &str, up_to: u64) -> Event {
+        Event {
+            id: EventId(u128::from(inbox_version)),
+            stream: inbox_stream("alice"),
+            version: Version(inbox_version),
+            kind: TYPE_READ.into(),
+            from: "alice".into(),
+            time_ms: 9,
+            data: read_marker_data(peer, Version(up_to)),
+        }
+    }
+
     #[test]
     fn copies_unwrap_to_the_message() {
         let m = message("alice", "bob", 3, "bob", 10);
@@ -284,16 +297,7 @@ mod tests {
         }
         assert_eq!(summary.unread().total, 3);
         assert_eq!(summary.unread().by_peer["bob"], 2);
-        let read = Event {
-            id: EventId(1),
-            stream: inbox_stream("alice"),
-            version: Version(4),
-            kind: TYPE_READ.into(),
-            from: "alice".into(),
-            time_ms: 13,
-            data: read_marker_data("bob", Version(1)),
-        };
-        summary.apply("alice", &read);
+        summary.apply("alice", &read(4, "bob", 1));
         assert_eq!(summary.unread().by_peer["bob"], 1);
         // Alice's own message moves her marker past everything before it.
         summary.apply("alice", &copy(5, &message("alice", "carol", 2, "alice", 14)));
@@ -308,16 +312,7 @@ mod tests {
     #[test]
     fn a_marker_folded_before_its_message_still_counts() {
         let mut summary = InboxSummary::default();
-        let read = Event {
-            id: EventId(1),
-            stream: inbox_stream("alice"),
-            version: Version(1),
-            kind: TYPE_READ.into(),
-            from: "alice".into(),
-            time_ms: 9,
-            data: read_marker_data("bob", Version(1)),
-        };
-        summary.apply("alice", &read);
+        summary.apply("alice", &read(1, "bob", 1));
         summary.apply("alice", &copy(2, &message("alice", "bob", 1, "bob", 10)));
         assert_eq!(summary.unread().total, 0);
         summary.apply("alice", &copy(3, &message("alice", "bob", 2, "bob", 11)));
