@@ -26,6 +26,9 @@ pub use codec::{decode_event, encode_event};
 pub use error::StoreError;
 pub use model::*;
 
+/// A metadata key and its value.
+pub type MetaEntry = (Vec<u8>, Vec<u8>);
+
 /// Runs once when an append is durable (`Ok`) or has failed.
 pub type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
@@ -58,7 +61,7 @@ pub trait Store: Send + Sync + 'static {
     fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Durable metadata whose keys start with `prefix`, in key order, at most `limit` of them.
-    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<MetaEntry>, StoreError>;
 
     fn stats(&self) -> StoreStats;
 }

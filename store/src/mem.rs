@@ -216,7 +216,7 @@ impl Store for MemStore {
         Ok(self.inner.lock().synced.meta.get(key).cloned())
     }
 
-    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<crate::MetaEntry>, StoreError> {
         let inner = self.inner.lock();
         let found = inner.synced.meta.range(prefix.to_vec()..).take_while(|(key, _)| key.starts_with(prefix));
         Ok(found.take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())

@@ -282,7 +282,7 @@ impl Store for RocksStore {
         self.db.get_cf(self.cf(CF_META), key).map_err(|e| StoreError::Failed(format!("meta: {e}")))
     }
 
-    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<crate::MetaEntry>, StoreError> {
         let iter = self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(prefix, Direction::Forward));
         let mut found = Vec::new();
         for item in iter {

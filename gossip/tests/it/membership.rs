@@ -79,7 +79,7 @@ impl World {
                 continue;
             }
             self.sent += 1;
-            if self.loss_every > 0 && self.sent % self.loss_every != 0 {
+            if self.loss_every > 0 && !self.sent.is_multiple_of(self.loss_every) {
                 continue; // Keep only one packet in `loss_every`.
             }
             if let Some(node) = self.nodes[to_index].as_mut() {

@@ -56,7 +56,7 @@ impl Default for Config {
             presence_window_ms: 60_000,
             signal_ttl_ms: 5_000,
             signals_per_user_max: 16,
-            seed: 0x6772_6964_646c_65,
+            seed: 0x0067_7269_6464_6c65,
             #[cfg(feature = "planted-bugs")]
             bug: None,
         }
