@@ -68,9 +68,8 @@ impl Failure {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Fault {
-    #[default]
     Crash,
     Wipe,
     Freeze,
@@ -101,7 +100,6 @@ struct Node {
     /// Local clock: global time + offset + drift.
     offset_ms: i64,
     drift_ppm: i64,
-    lives: u64,
     /// Its disk was wiped in the last crash: it comes back empty.
     wiped: bool,
 }
@@ -161,7 +159,6 @@ impl World {
                 restart_at: 0,
                 offset_ms: world.rng.gen_range(-500..500),
                 drift_ppm,
-                lives: 1,
                 wiped: false,
             };
             world.nodes.push(node);
@@ -182,13 +179,13 @@ impl World {
         }
     }
 
-    fn membership(&mut self, i: usize, local_ms: u64, life: u64) -> Membership {
+    fn membership(&mut self, i: usize, local_ms: u64, bump: u64) -> Membership {
         let identity = Identity {
             id: NodeId::new(format!("n{i}")).expect("valid"),
             mesh_addr: addr(i),
             http_addr: addr(i),
             weight_milli: 1000,
-            bump: life,
+            bump,
         };
         let profile = Profile { bug_forget_reannounce: self.bug == Some(Bug::ForgetReannounce), ..Profile::default() };
         Membership::new(identity, vec![addr(0)], profile, self.rng.gen(), local_ms)
@@ -311,13 +308,11 @@ impl World {
                 continue;
             }
             let local = self.local_ms(i);
-            let life = self.nodes[i].lives + 1;
             // A restart's identity outranks every earlier life, renewals included: like the
             // real node, it takes its start time (here the global one, so it is unique).
             let membership = self.membership(i, local, self.now_ms);
             let seed = self.rng.gen();
             let node = &mut self.nodes[i];
-            node.lives = life;
             node.membership = membership;
             node.app.restart(local, std::mem::take(&mut node.wiped), seed)?;
             node.up = true;

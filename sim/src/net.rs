@@ -53,10 +53,9 @@ impl Network {
             Some(r) => (1, r.delay_ms_max),
             None => (1, 2),
         };
-        for copy in 0..copies {
+        for _ in 0..copies {
             let at = now_ms + 1 + rng.gen_range(0..=delay_max);
             self.seq += 1;
-            let _ = copy;
             self.in_flight
                 .insert((at, self.seq), Packet { from: packet.from, to: packet.to, bytes: packet.bytes.clone() });
         }
