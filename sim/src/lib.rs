@@ -18,16 +18,21 @@
 //! trace hash folds in every packet and reply, so the same seed gives the same hash.
 
 mod app;
+mod cluster;
 pub mod net;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use gossip::{Identity, MemberState, Membership, NodeId, Profile};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use store::mem::MemStore;
+use store::Store;
 
 use crate::app::App;
+use crate::cluster::{LogNode, Submit, Writers};
 use crate::net::{Network, Packet, Rates};
 
 const START_MS: u64 = 1_763_776_800_000;
@@ -42,13 +47,23 @@ pub enum Bug {
     ForgetReannounce,
     AckBeforeSync,
     SkipInboxRepair,
+    AckAfterOne,
+    SkipEpochCheck,
+    AdoptLongest,
+    WipedVotes,
+    ServeBeforeCommit,
 }
 
 impl Bug {
-    pub const ALL: [(Bug, &'static str, &'static str); 3] = [
+    pub const ALL: [(Bug, &'static str, &'static str); 8] = [
         (Bug::ForgetReannounce, "forget-reannounce", "the membership watchdog never re-announces once joined"),
         (Bug::AckBeforeSync, "ack-before-sync", "appends are acknowledged before the disk synced them"),
         (Bug::SkipInboxRepair, "skip-inbox-repair", "a restart does not finish inbox copies a crash interrupted"),
+        (Bug::AckAfterOne, "ack-after-one", "a replicated append commits once the primary alone synced it"),
+        (Bug::SkipEpochCheck, "skip-epoch-check", "replicas accept entries from epochs older than they promised"),
+        (Bug::AdoptLongest, "adopt-longest", "a new primary adopts the longest log, not the highest (epoch, index)"),
+        (Bug::WipedVotes, "wiped-votes", "a replica with a wiped disk promises and acknowledges as if intact"),
+        (Bug::ServeBeforeCommit, "serve-before-commit", "replicas apply (and so serve) entries before they commit"),
     ];
 
     pub fn parse(name: &str) -> Option<Bug> {
@@ -102,6 +117,12 @@ struct Node {
     drift_ppm: i64,
     /// Its disk was wiped in the last crash: it comes back empty.
     wiped: bool,
+    /// Its replication side, on a disk of its own.
+    log: LogNode,
+    /// The membership view last given to `log`.
+    view: Vec<node_core::repl::View>,
+    /// When its disk was last wiped (global time).
+    wiped_ms: u64,
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -127,6 +148,11 @@ struct World {
     heal_at: u64,
     /// Print faults and membership events as they happen (replaying one seed).
     verbose: bool,
+    writers: Writers,
+    /// Every event any disk ever showed: (stream, version) -> id.
+    truth: HashMap<(store::StreamName, store::Version), store::EventId>,
+    /// Disks wiped so far (at most W - 1 may be: the contract holds only then).
+    wipes: usize,
 }
 
 impl World {
@@ -148,9 +174,13 @@ impl World {
             trace: 0xcbf2_9ce4_8422_2325,
             heal_at: 0,
             verbose: false,
+            writers: Writers::default(),
+            truth: HashMap::new(),
+            wipes: 0,
         };
         for i in 0..count {
             let drift_ppm = world.rng.gen_range(-20_000..20_000);
+            let log = world.log_node(i, Arc::new(MemStore::manual()), START_MS).expect("a new disk reads");
             let node = Node {
                 membership: world.membership(i, START_MS, 1),
                 app: App::new(world.core_config(), START_MS),
@@ -160,6 +190,9 @@ impl World {
                 offset_ms: world.rng.gen_range(-500..500),
                 drift_ppm,
                 wiped: false,
+                log,
+                view: Vec::new(),
+                wiped_ms: 0,
             };
             world.nodes.push(node);
         }
@@ -177,6 +210,27 @@ impl World {
             },
             ..node_core::Config::default()
         }
+    }
+
+    fn log_node(&mut self, i: usize, disk: Arc<MemStore>, local_ms: u64) -> Result<LogNode, Failure> {
+        let config = node_core::repl::Config {
+            partitions: cluster::PARTITIONS,
+            write_quorum: cluster::W,
+            seed: self.rng.gen(),
+            bug: match self.bug {
+                Some(Bug::AckAfterOne) => Some(node_core::repl::ReplBug::AckAfterOne),
+                Some(Bug::SkipEpochCheck) => Some(node_core::repl::ReplBug::SkipEpochCheck),
+                Some(Bug::AdoptLongest) => Some(node_core::repl::ReplBug::AdoptLongest),
+                Some(Bug::WipedVotes) => Some(node_core::repl::ReplBug::WipedVotes),
+                Some(Bug::ServeBeforeCommit) => Some(node_core::repl::ReplBug::ServeBeforeCommit),
+                _ => None,
+            },
+            ..node_core::repl::Config::new(format!("n{i}"))
+        };
+        let mut node = LogNode::new(&format!("n{i}"), config, disk, local_ms)?;
+        node.verbose = self.verbose;
+        node.global_ms = self.now_ms;
+        Ok(node)
     }
 
     fn membership(&mut self, i: usize, local_ms: u64, bump: u64) -> Membership {
@@ -220,15 +274,81 @@ impl World {
 
     fn step(&mut self, faults: bool) -> Result<(), Failure> {
         self.now_ms += STEP_MS;
+        for node in &mut self.nodes {
+            node.log.global_ms = self.now_ms;
+        }
         if faults {
             self.inject();
         }
         self.restart_due()?;
         self.deliver();
+        self.write(faults)?;
         for i in 0..self.nodes.len() {
             self.run_node(i, faults)?;
         }
+        self.check_replicas()?;
         self.check_bounds()
+    }
+
+    fn runs(&self, i: usize) -> bool {
+        self.nodes[i].up && self.nodes[i].frozen_until <= self.now_ms
+    }
+
+    /// A writer sends one append (new, or a retry) to a random node that runs.
+    /// The node that gets it forwards it to the primary it believes in (one hop, as the
+    /// real gateway does).
+    fn write(&mut self, new: bool) -> Result<(), Failure> {
+        for _ in 0..4 {
+            let Some((stream, id)) = self.writers.next(&mut self.rng, self.now_ms, new) else { return Ok(()) };
+            let mut i = self.rng.gen_range(0..self.nodes.len());
+            if !self.runs(i) {
+                continue;
+            }
+            let part = node_core::placement::partition_of(stream.as_str(), cluster::PARTITIONS);
+            if !self.nodes[i].log.repl.is_serving(part) {
+                let local = self.local_ms(i);
+                self.nodes[i].log.activate(local, part);
+                let hint = self.nodes[i].log.repl.primary_hint(part);
+                match hint.and_then(|h| h.strip_prefix('n').and_then(|n| n.parse::<usize>().ok())) {
+                    Some(j) if j < self.nodes.len() && self.runs(j) && !self.net.is_blocked(i, j) => i = j,
+                    _ => {}
+                }
+            }
+            let local = self.local_ms(i);
+            if let Submit::Acked(version) = self.nodes[i].log.submit(local, &stream, id) {
+                self.writers.ack(&stream, id, version)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledgements are checked for durability on W disks; what disks show, against
+    /// what every disk ever showed.
+    fn check_replicas(&mut self) -> Result<(), Failure> {
+        for i in 0..self.nodes.len() {
+            let acked = std::mem::take(&mut self.nodes[i].log.acked);
+            for (stream, id, version, part, index, proposed_ms) in acked {
+                let Some(entry) = self.nodes[i].log.durable_entry(part, index) else {
+                    return Err(Failure::new("an acknowledged append is durable", format!("n{i} p{part} #{index}")));
+                };
+                let copies =
+                    self.nodes.iter().filter(|n| n.log.durable_entry(part, index).as_ref() == Some(&entry)).count();
+                // A disk wiped since the proposal may have held a copy when it committed.
+                let wiped = self.nodes.iter().filter(|n| n.wiped_ms >= proposed_ms).count();
+                if copies + wiped < cluster::W {
+                    return Err(Failure::new(
+                        "an append is acknowledged only once W replicas synced it",
+                        format!("n{i}: {stream} v{version} ({id}) at p{part} #{index} is on {copies} disk(s)"),
+                    ));
+                }
+                self.record(&[version.0, index]);
+                self.writers.ack(&stream, id, version)?;
+            }
+            if self.nodes[i].up {
+                self.nodes[i].log.check_visible(&mut self.truth)?;
+            }
+        }
+        Ok(())
     }
 
     fn inject(&mut self) {
@@ -236,7 +356,8 @@ impl World {
         let i = self.rng.gen_range(0..count);
         match self.rng.gen_range(0..10_000) {
             0..=14 if self.nodes[i].up => {
-                let wipe = self.rng.gen_bool(0.1);
+                let wipe = self.rng.gen_bool(0.3) && self.wipes + 1 < cluster::W;
+                self.wipes += usize::from(wipe);
                 self.fault(if wipe { Fault::Wipe } else { Fault::Crash }, i);
                 self.crash(i, wipe);
             }
@@ -277,6 +398,7 @@ impl World {
                 let applied = self.rng.gen_bool(0.5);
                 // The disk answers EIO; the node must stop and restart from what is on disk.
                 let _ = self.nodes[i].app.fail_sync(applied);
+                self.nodes[i].log.disk.fail_sync(applied);
             }
             55..=64 => {
                 let j = self.rng.gen_range(0..count);
@@ -296,10 +418,14 @@ impl World {
         node.restart_at = self.now_ms + self.rng.gen_range(100..4000);
         node.wiped |= wipe;
         if wipe {
+            node.wiped_ms = self.now_ms;
             node.app.disk.wipe();
+            node.log.disk.wipe();
         }
         let kept = self.rng.gen_range(0..=node.app.disk.unsynced());
         node.app.disk.crash_keeping(kept);
+        let kept = self.rng.gen_range(0..=node.log.disk.unsynced());
+        node.log.disk.crash_keeping(kept);
     }
 
     fn restart_due(&mut self) -> Result<(), Failure> {
@@ -312,7 +438,11 @@ impl World {
             // real node, it takes its start time (here the global one, so it is unique).
             let membership = self.membership(i, local, self.now_ms);
             let seed = self.rng.gen();
+            let disk = self.nodes[i].log.disk.clone();
+            let log = self.log_node(i, disk, local)?;
             let node = &mut self.nodes[i];
+            node.log = log;
+            node.view = Vec::new();
             node.membership = membership;
             node.app.restart(local, std::mem::take(&mut node.wiped), seed)?;
             node.up = true;
@@ -334,6 +464,11 @@ impl World {
             }
             self.record(&[packet.from as u64, to as u64, packet.bytes.len() as u64]);
             let local = self.local_ms(to);
+            if packet.kind == net::REPLICATION {
+                let from = format!("n{}", packet.from);
+                self.nodes[to].log.handle(local, &from, &packet.bytes);
+                continue;
+            }
             let from = NodeId::new(format!("n{}", packet.from)).expect("valid");
             let _ = self.nodes[to].membership.handle_packet(local, &from, &packet.bytes);
         }
@@ -351,7 +486,30 @@ impl World {
         } else {
             node.app.settle(local)?;
         }
+        let view: Vec<node_core::repl::View> = node
+            .membership
+            .members()
+            .into_iter()
+            .map(|(m, state)| node_core::repl::View {
+                node: m.id.to_string(),
+                weight_milli: u32::from(m.weight_milli),
+                down: state == MemberState::Down,
+            })
+            .collect();
+        if view != node.view {
+            node.view = view.clone();
+            node.log.set_view(local, view);
+        }
+        node.log.tick(local);
+        if self.rng.gen_bool(0.6) {
+            node.log.sync(local);
+        }
+        let node = &mut self.nodes[i];
         let replies = std::mem::take(&mut node.app.trace);
+        if node.log.failed {
+            self.crash(i, false);
+        }
+        let node = &mut self.nodes[i];
         if node.app.failed_storage {
             // The core reported a failed sync: the process stops instead of carrying on.
             self.crash(i, false);
@@ -364,10 +522,18 @@ impl World {
             self.say(format_args!("n{i}: {event:?}"));
         }
         self.record(&replies);
+        let rates = faults.then(|| self.rates.clone());
+        let rates = rates.as_ref();
         for transmit in outgoing {
             let Some(to) = node_index(transmit.to) else { continue };
-            let rates = faults.then_some(&self.rates);
-            let packet = Packet { from: i, to, bytes: transmit.bytes };
+            let packet = Packet { kind: net::SWIM, from: i, to, bytes: transmit.bytes };
+            self.net.send(&mut self.rng, rates, self.now_ms, packet);
+        }
+        for (to, msgs) in self.nodes[i].log.take_outbox() {
+            let Some(to) = to.strip_prefix('n').and_then(|n| n.parse::<usize>().ok()) else { continue };
+            let bytes = node_core::repl::encode_msgs(&msgs);
+            self.record(&[to as u64, bytes.len() as u64]);
+            let packet = Packet { kind: net::REPLICATION, from: i, to, bytes };
             self.net.send(&mut self.rng, rates, self.now_ms, packet);
         }
         Ok(())
@@ -394,7 +560,85 @@ impl World {
             let members = node.membership.members();
             let alive = members.iter().filter(|(_, s)| *s == MemberState::Alive).count();
             node.up && alive == count
-        })
+        }) && self.log_converged().is_ok()
+    }
+
+    /// Every write is acknowledged; every partition started anywhere has one primary, and
+    /// each voter of its conf has applied all of its log and holds the same streams.
+    fn log_converged(&self) -> Result<(), String> {
+        if let Some(w) = self.writers.writes.iter().find(|w| w.acked.is_none()) {
+            let part = node_core::placement::partition_of(w.stream.as_str(), cluster::PARTITIONS);
+            let states: Vec<String> = self
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("\n    n{i} (up {}): {}", n.up, n.log.repl.describe(part)))
+                .collect();
+            return Err(format!(
+                "{} writes unacknowledged, e.g. to {} (p{part}):{}",
+                self.writers.unacknowledged(),
+                w.stream,
+                states.concat()
+            ));
+        }
+        for part in 0..cluster::PARTITIONS {
+            let started = self.nodes.iter().any(|n| n.log.repl.conf(part).is_some_and(|c| !c.members.is_empty()));
+            if !started {
+                continue;
+            }
+            let serving: Vec<usize> =
+                (0..self.nodes.len()).filter(|i| self.nodes[*i].log.repl.is_serving(part)).collect();
+            let [primary] = serving[..] else { return Err(format!("p{part} served by {serving:?}")) };
+            let lead = &self.nodes[primary].log;
+            let (last, commit, applied) = lead.repl.position(part).expect("serving");
+            if commit != last.index || applied != last.index {
+                return Err(format!("p{part}: primary n{primary} at {last:?} commit {commit} applied {applied}"));
+            }
+            let streams = lead.streams();
+            for m in lead.repl.conf(part).expect("serving").voters() {
+                let Some(j) = m.node.strip_prefix('n').and_then(|n| n.parse::<usize>().ok()) else { continue };
+                let node = &self.nodes[j].log;
+                let applied_there = node.repl.position(part).map(|p| p.2);
+                if applied_there != Some(applied) {
+                    return Err(format!("p{part}: voter n{j} applied {applied_there:?} of {applied}"));
+                }
+                let theirs = node.streams();
+                for k in 0..streams.len() {
+                    let name = cluster::stream(k);
+                    if node_core::placement::partition_of(name.as_str(), cluster::PARTITIONS) == part
+                        && theirs[k] != streams[k]
+                    {
+                        return Err(format!("p{part}: {name} differs on n{j} and n{primary}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After convergence: every acknowledged write is where it was acknowledged, on the
+    /// primary of its stream (and so, by `log_converged`, on every voter).
+    fn check_writes(&self) -> Result<(), Failure> {
+        for write in &self.writers.writes {
+            let part = node_core::placement::partition_of(write.stream.as_str(), cluster::PARTITIONS);
+            let Some(primary) = self.nodes.iter().find(|n| n.log.repl.is_serving(part)) else {
+                return Err(Failure::new("every partition is writable after the heal", format!("p{part}")));
+            };
+            let version = write.acked.expect("converged means all acknowledged");
+            let found = primary.log.disk.find(&write.stream, write.id).ok().flatten().map(|e| e.version);
+            if found != Some(version) {
+                return Err(Failure::new(
+                    "an acknowledged append is never lost",
+                    format!(
+                        "{} {} acked at v{version}, found {found:?} on {}",
+                        write.stream,
+                        write.id,
+                        primary.log.name()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Faults off: heal, restart and unfreeze everyone, and wait for convergence.
@@ -406,6 +650,7 @@ impl World {
         }
         let healed = self.now_ms;
         self.say(format_args!("heal: faults off"));
+        self.writers.probe(self.now_ms, &mut self.rng);
         while self.now_ms - healed < LIVENESS_MS_MAX {
             self.step(false)?;
             if self.converged() {
@@ -417,6 +662,7 @@ impl World {
                     }
                     self.nodes[i].app.check_final()?;
                 }
+                self.check_writes()?;
                 return Ok(took);
             }
         }
@@ -438,6 +684,9 @@ impl World {
                 )
             })
             .collect();
+        if let Err(log) = self.log_converged() {
+            return Err(Failure::new("replicas converge and every stream is writable after the heal", log));
+        }
         Err(Failure::new("membership converges after the heal", views.join(", ")))
     }
 }
@@ -446,20 +695,28 @@ impl World {
 pub fn run_seed(seed: u64, nodes: usize, bug: Option<Bug>, verbose: bool) -> Outcome {
     let mut world = World::new(seed, nodes.max(2), bug);
     world.verbose = verbose;
-    let mut result = Ok(());
-    while world.now_ms - START_MS < SAFETY_MS {
-        if let Err(failure) = world.step(true) {
-            result = Err(failure);
-            break;
-        }
+    for node in &mut world.nodes {
+        node.log.verbose = verbose;
     }
     let mut convergence_ms = None;
-    if result.is_ok() {
-        match world.heal() {
-            Ok(took) => convergence_ms = Some(took),
-            Err(failure) => result = Err(failure),
+    // A panic (an assertion in a node or its disk) fails the seed like any broken promise.
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        while world.now_ms - START_MS < SAFETY_MS {
+            world.step(true)?;
         }
-    }
+        world.heal().map(|took| convergence_ms = Some(took))
+    }));
+    let result = match run {
+        Ok(result) => result,
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(Failure::new("no node panics", text))
+        }
+    };
     let mut faults = world.faults.clone();
     faults.insert(Fault::Drop, world.net.dropped);
     faults.insert(Fault::Duplicate, world.net.duplicated);

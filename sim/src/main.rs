@@ -16,6 +16,8 @@ use sim::{run_seed, Bug, Fault};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Panics are reported per seed (as failures), not printed as they happen.
+    std::panic::set_hook(Box::new(|_| {}));
     let flag = |name: &str| args.iter().any(|a| a == name);
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let number = |name: &str| value(name).and_then(|v| v.parse::<u64>().ok());

@@ -9,6 +9,8 @@ use rand::rngs::SmallRng;
 use rand::Rng;
 
 pub const PACKETS_IN_FLIGHT_MAX: usize = 100_000;
+pub const SWIM: u8 = 0;
+pub const REPLICATION: u8 = 1;
 
 /// Per-seed network behaviour (drawn once per seed).
 #[derive(Clone, Debug)]
@@ -19,6 +21,8 @@ pub struct Rates {
 }
 
 pub struct Packet {
+    /// What the bytes are for: [`SWIM`] or [`REPLICATION`].
+    pub kind: u8,
     pub from: usize,
     pub to: usize,
     pub bytes: Vec<u8>,
@@ -56,8 +60,10 @@ impl Network {
         for _ in 0..copies {
             let at = now_ms + 1 + rng.gen_range(0..=delay_max);
             self.seq += 1;
-            self.in_flight
-                .insert((at, self.seq), Packet { from: packet.from, to: packet.to, bytes: packet.bytes.clone() });
+            self.in_flight.insert(
+                (at, self.seq),
+                Packet { kind: packet.kind, from: packet.from, to: packet.to, bytes: packet.bytes.clone() },
+            );
         }
     }
 
@@ -82,6 +88,10 @@ impl Network {
 
     pub fn heal(&mut self) {
         self.blocked.clear();
+    }
+
+    pub fn is_blocked(&self, from: usize, to: usize) -> bool {
+        self.blocked.contains(&(from, to))
     }
 
     pub fn is_partitioned(&self) -> bool {

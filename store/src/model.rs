@@ -132,7 +132,7 @@ pub enum ReadRange {
 
 /// A batch of writes that becomes durable as a whole. Events carry the versions their
 /// sequencer gave them; per stream they must continue the stream's head without a gap.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteBatch {
     pub events: Vec<Event>,
     /// Small metadata: key and value (`None` deletes).

@@ -37,3 +37,5 @@ pub mod social;
 #[cfg(feature = "planted-bugs")]
 pub use crate::core::PlantedBug;
 pub use crate::core::{page, read_only, BatchId, Config, NodeCore, Output};
+pub mod placement;
+pub mod repl;
