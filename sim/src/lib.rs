@@ -14,6 +14,10 @@
 //! and the network stay within their bounds; a node whose disk failed stops; after the heal,
 //! every node sees every node alive (membership converges; no node stalls for good).
 //!
+//! Each node also runs the replicated log ([`cluster`]: `node_core::repl`, on a disk of its
+//! own) under writers that retry ids until acknowledged; its checks are the contract's
+//! promises 1, 2, 3 and 7 after every step, and convergence plus writability after the heal.
+//!
 //! Planted bugs ([`Bug`]) break one rule on purpose so we know the checks can fail. The
 //! trace hash folds in every packet and reply, so the same seed gives the same hash.
 
@@ -65,6 +69,14 @@ impl Bug {
         (Bug::WipedVotes, "wiped-votes", "a replica with a wiped disk promises and acknowledges as if intact"),
         (Bug::ServeBeforeCommit, "serve-before-commit", "replicas apply (and so serve) entries before they commit"),
     ];
+
+    /// Bugs in the replicated log: their seeds run the replication workload.
+    pub fn in_replication(self) -> bool {
+        matches!(
+            self,
+            Bug::AckAfterOne | Bug::SkipEpochCheck | Bug::AdoptLongest | Bug::WipedVotes | Bug::ServeBeforeCommit
+        )
+    }
 
     pub fn parse(name: &str) -> Option<Bug> {
         Bug::ALL.iter().find(|(_, n, _)| *n == name).map(|(b, _, _)| *b)
@@ -153,6 +165,8 @@ struct World {
     truth: HashMap<(store::StreamName, store::Version), store::EventId>,
     /// Disks wiped so far (at most W - 1 may be: the contract holds only then).
     wipes: usize,
+    /// Writers use the replicated log (`--replication`; on for its planted bugs).
+    replication: bool,
 }
 
 impl World {
@@ -177,6 +191,7 @@ impl World {
             writers: Writers::default(),
             truth: HashMap::new(),
             wipes: 0,
+            replication: false,
         };
         for i in 0..count {
             let drift_ppm = world.rng.gen_range(-20_000..20_000);
@@ -298,6 +313,9 @@ impl World {
     /// The node that gets it forwards it to the primary it believes in (one hop, as the
     /// real gateway does).
     fn write(&mut self, new: bool) -> Result<(), Failure> {
+        if !self.replication {
+            return Ok(());
+        }
         for _ in 0..4 {
             let Some((stream, id)) = self.writers.next(&mut self.rng, self.now_ms, new) else { return Ok(()) };
             let mut i = self.rng.gen_range(0..self.nodes.len());
@@ -650,7 +668,9 @@ impl World {
         }
         let healed = self.now_ms;
         self.say(format_args!("heal: faults off"));
-        self.writers.probe(self.now_ms, &mut self.rng);
+        if self.replication {
+            self.writers.probe(self.now_ms, &mut self.rng);
+        }
         while self.now_ms - healed < LIVENESS_MS_MAX {
             self.step(false)?;
             if self.converged() {
@@ -691,10 +711,12 @@ impl World {
     }
 }
 
-/// Runs one seed with `nodes` nodes; `verbose` prints every fault and membership event.
-pub fn run_seed(seed: u64, nodes: usize, bug: Option<Bug>, verbose: bool) -> Outcome {
+/// Runs one seed with `nodes` nodes; `verbose` prints every fault and membership event;
+/// `replication` runs the replicated-log workload (always, for its planted bugs).
+pub fn run_seed(seed: u64, nodes: usize, bug: Option<Bug>, verbose: bool, replication: bool) -> Outcome {
     let mut world = World::new(seed, nodes.max(2), bug);
     world.verbose = verbose;
+    world.replication = replication || bug.is_some_and(Bug::in_replication);
     for node in &mut world.nodes {
         node.log.verbose = verbose;
     }

@@ -782,7 +782,11 @@ impl Replicas {
         let p = &self.parts[&part];
         let Role::Primary(pr) = &p.role else { return false };
         let Some(top) = self.top_voter(part, &p.conf) else { return false };
-        pr.serving && top != self.config.node && pr.progress.get(&top).is_some_and(|g| g.matched >= p.commit)
+        let recorded = p.conf.member(&top).map(|m| m.storage);
+        pr.serving
+            && top != self.config.node
+            && !pr.wiped.contains(&top)
+            && pr.progress.get(&top).is_some_and(|g| g.matched >= p.commit && g.storage == recorded)
     }
 
     /// Whether this node should start a candidacy for `part` now:
@@ -799,7 +803,15 @@ impl Replicas {
             return false;
         }
         if p.conf.members.is_empty() {
-            return p.wanted && self.top_voter(part, &p.conf).as_deref() == Some(me);
+            // Never started here: the top live member starts it when wanted; others after a
+            // rank-long quiet (the top one may be a fresh disk, which leaves first starts to
+            // established ones).
+            if !p.wanted {
+                return false;
+            }
+            let live = self.view.values().filter(|v| !v.down).map(|v| (v.node.as_str(), v.weight_milli));
+            let rank = placement::rank(part, live).iter().position(|n| *n == me).unwrap_or(usize::MAX) as u64;
+            return rank == 0 || now_ms.saturating_sub(p.heard_ms) >= rank.saturating_mul(self.config.candidacy_ms);
         }
         let voter = p.conf.is_voter(me, self.storage);
         if voter && self.top_voter(part, &p.conf).as_deref() == Some(me) {
@@ -1585,4 +1597,30 @@ enum BugName {
     AdoptLongest,
     WipedVotes,
     ServeBeforeCommit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorums_intersect_and_survive_one_voter_change() {
+        for w in 1..=3 {
+            for n in w..=7 {
+                let (c, p) = (quorum_commit(n, w), quorum_promise(n, w));
+                assert!(c >= w && c <= n && p <= n, "n {n} w {w}");
+                assert!(c + p > n, "a new epoch's promises meet every commit: n {n} w {w}");
+                // Quorums of confs one voter apart intersect (majorities of each).
+                assert!(c > n / 2 && p > n / 2, "n {n} w {w}");
+            }
+        }
+        assert_eq!((quorum_commit(3, 2), quorum_promise(3, 2)), (2, 2));
+        assert_eq!((quorum_commit(4, 2), quorum_promise(4, 2)), (3, 3));
+    }
+
+    #[test]
+    fn log_keys_parse_back() {
+        assert_eq!(keys::parse_log(&keys::log(0x3ff, 0x1234)), Some((0x3ff, 0x1234)));
+        assert_eq!(keys::parse_log(&keys::promised(3)), None);
+    }
 }

@@ -336,3 +336,73 @@ fn decode_msg(r: &mut Reader<'_>) -> Result<Msg, Malformed> {
         _ => return Err(Malformed("message kind")),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use store::{Event, EventId, StreamName, Version, WriteBatch};
+
+    use super::*;
+
+    fn epoch(counter: u64, node: &str) -> Epoch {
+        Epoch { counter, node: node.into() }
+    }
+
+    fn data_entry() -> Entry {
+        let event = Event {
+            id: EventId(42),
+            stream: StreamName::new("chat:a:b").unwrap(),
+            version: Version(7),
+            kind: "message".into(),
+            from: "a".into(),
+            time_ms: 1_700_000_000_000,
+            data: r#"{"text":"hi"}"#.into(),
+        };
+        let meta = vec![(b"copy:x".to_vec(), Some(Vec::new())), (b"gone".to_vec(), None)];
+        Entry { epoch: epoch(3, "n1"), payload: Payload::Data(WriteBatch { events: vec![event], meta }) }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let conf = Conf {
+            members: vec![
+                Member { node: "n1".into(), storage: 9, voter: true },
+                Member { node: "n2".into(), storage: 0, voter: false },
+            ],
+        };
+        let start = Entry { epoch: epoch(4, "n2"), payload: Payload::Conf { conf, start: true } };
+        let last = LogId { epoch: epoch(4, "n2"), index: 12 };
+        let msgs = vec![
+            Msg::Prepare { part: 1, epoch: epoch(5, "n3") },
+            Msg::Promise {
+                part: 1,
+                epoch: epoch(5, "n3"),
+                storage: 77,
+                last: last.clone(),
+                commit: 11,
+                established: true,
+            },
+            Msg::Refuse { part: 2, promised: epoch(6, "n1") },
+            Msg::Fetch { part: 3, epoch: epoch(5, "n3"), from: 4 },
+            Msg::Entries { part: 3, epoch: epoch(5, "n3"), from: 4, entries: vec![data_entry(), start.clone()], last },
+            Msg::Append { part: 4, epoch: epoch(5, "n3"), prev: LogId::default(), entries: vec![start], commit: 0 },
+            Msg::Ack { part: 4, epoch: epoch(5, "n3"), storage: 77, matched: 1 },
+            Msg::Nack { part: 4, epoch: epoch(5, "n3"), storage: 77, commit: 0 },
+        ];
+        assert_eq!(decode_msgs(&encode_msgs(&msgs)).unwrap(), msgs);
+        assert_eq!(decode_entry(&encode_entry(&data_entry())).unwrap(), data_entry());
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_never_a_panic() {
+        let bytes = encode_msgs(&[Msg::Prepare { part: 1, epoch: epoch(5, "n3") }]);
+        for len in 0..bytes.len() {
+            assert!(decode_msgs(&bytes[..len]).is_err(), "a truncation at {len} must fail");
+        }
+        let mut huge_count = vec![FORMAT];
+        huge_count.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_msgs(&huge_count).is_err());
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(decode_msgs(&trailing).is_err());
+    }
+}
