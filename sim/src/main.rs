@@ -88,7 +88,10 @@ fn main() -> ExitCode {
             let bug_arg = bug
                 .map(|b| format!(" --bug {}", Bug::ALL.iter().find(|(x, ..)| *x == b).unwrap().1))
                 .unwrap_or_default();
-            println!("  replay: cargo run --release -p sim -- --seed {seed} --nodes {nodes}{bug_arg}{}", if replication { " --replication" } else { "" });
+            println!(
+                "  replay: cargo run --release -p sim -- --seed {seed} --nodes {nodes}{bug_arg}{}",
+                if replication { " --replication" } else { "" }
+            );
             if bug.is_some() {
                 break;
             }
