@@ -523,10 +523,10 @@ impl Replicas {
         self.outputs.pop_front()
     }
 
-    /// When `tick` must be called next, at the latest.
+    /// When `tick` must be called next, at the latest: resends, candidacy timeouts and the
+    /// fallback candidacies of followers all run from `tick`.
     pub fn poll_timeout(&self, now_ms: u64) -> Option<u64> {
-        let busy = self.parts.values().any(|p| !matches!(p.role, Role::Follower) || p.wanted);
-        busy.then_some(now_ms + self.config.resend_ms / 3)
+        (!self.parts.is_empty()).then_some(now_ms + self.config.resend_ms / 3)
     }
 
     pub fn partition_of(&self, stream: &str) -> Partition {

@@ -165,56 +165,57 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub fn encode_entry(entry: &Entry) -> Vec<u8> {
+fn encode_with(write: impl FnOnce(&mut Writer)) -> Vec<u8> {
     let mut w = Writer::default();
-    w.u8(FORMAT);
-    w.entry(entry);
+    write(&mut w);
     w.0
+}
+
+/// Reads one value that must fill `bytes` exactly.
+fn decode_whole<T>(bytes: &[u8], read: impl FnOnce(&mut Reader<'_>) -> Result<T, Malformed>) -> Result<T, Malformed> {
+    let mut r = Reader { bytes, at: 0 };
+    let value = read(&mut r)?;
+    r.done(value)
+}
+
+pub fn encode_entry(entry: &Entry) -> Vec<u8> {
+    encode_with(|w| {
+        w.u8(FORMAT);
+        w.entry(entry);
+    })
 }
 
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, Malformed> {
-    let mut r = Reader { bytes, at: 0 };
-    if r.u8()? != FORMAT {
-        return Err(Malformed("format"));
-    }
-    let entry = r.entry()?;
-    r.done(entry)
+    decode_whole(bytes, |r| {
+        if r.u8()? != FORMAT {
+            return Err(Malformed("format"));
+        }
+        r.entry()
+    })
 }
 
 pub fn encode_epoch(epoch: &Epoch) -> Vec<u8> {
-    let mut w = Writer::default();
-    w.epoch(epoch);
-    w.0
+    encode_with(|w| w.epoch(epoch))
 }
 
 pub fn decode_epoch(bytes: &[u8]) -> Result<Epoch, Malformed> {
-    let mut r = Reader { bytes, at: 0 };
-    let epoch = r.epoch()?;
-    r.done(epoch)
+    decode_whole(bytes, |r| r.epoch())
 }
 
 pub fn encode_log_id(id: &LogId) -> Vec<u8> {
-    let mut w = Writer::default();
-    w.log_id(id);
-    w.0
+    encode_with(|w| w.log_id(id))
 }
 
 pub fn decode_log_id(bytes: &[u8]) -> Result<LogId, Malformed> {
-    let mut r = Reader { bytes, at: 0 };
-    let id = r.log_id()?;
-    r.done(id)
+    decode_whole(bytes, |r| r.log_id())
 }
 
 pub fn encode_conf(conf: &Conf) -> Vec<u8> {
-    let mut w = Writer::default();
-    w.conf(conf);
-    w.0
+    encode_with(|w| w.conf(conf))
 }
 
 pub fn decode_conf(bytes: &[u8]) -> Result<Conf, Malformed> {
-    let mut r = Reader { bytes, at: 0 };
-    let conf = r.conf()?;
-    r.done(conf)
+    decode_whole(bytes, |r| r.conf())
 }
 
 /// Several messages to one peer in one frame.
