@@ -2,7 +2,8 @@
 //! who send messages (retrying ids), type and long-poll `sync` from their cursors, and the
 //! checks of what they were promised.
 //!
-//! Each node keeps its own data until replication lands, so the checks are per node:
+//! The chat core still keeps each node's own data (the replicated log runs beside it in
+//! `cluster.rs` until it is wired under the core), so these checks are per node:
 //! - every acknowledged message is stored once in its conversation and both inboxes, and
 //!   stays there across crashes (not across a wiped disk, which today has no replica);
 //! - every browser sees each of its conversations in version order, with no gap, across

@@ -70,14 +70,6 @@ impl Bug {
         (Bug::ServeBeforeCommit, "serve-before-commit", "replicas apply (and so serve) entries before they commit"),
     ];
 
-    /// Bugs in the replicated log: their seeds run the replication workload.
-    pub fn in_replication(self) -> bool {
-        matches!(
-            self,
-            Bug::AckAfterOne | Bug::SkipEpochCheck | Bug::AdoptLongest | Bug::WipedVotes | Bug::ServeBeforeCommit
-        )
-    }
-
     pub fn parse(name: &str) -> Option<Bug> {
         Bug::ALL.iter().find(|(_, n, _)| *n == name).map(|(b, _, _)| *b)
     }
@@ -165,8 +157,6 @@ struct World {
     truth: HashMap<(store::StreamName, store::Version), store::EventId>,
     /// Disks wiped so far (at most W - 1 may be: the contract holds only then).
     wipes: usize,
-    /// Writers use the replicated log (`--replication`; on for its planted bugs).
-    replication: bool,
 }
 
 impl World {
@@ -191,7 +181,6 @@ impl World {
             writers: Writers::default(),
             truth: HashMap::new(),
             wipes: 0,
-            replication: false,
         };
         for i in 0..count {
             let drift_ppm = world.rng.gen_range(-20_000..20_000);
@@ -313,9 +302,6 @@ impl World {
     /// The node that gets it forwards it to the primary it believes in (one hop, as the
     /// real gateway does).
     fn write(&mut self, new: bool) -> Result<(), Failure> {
-        if !self.replication {
-            return Ok(());
-        }
         for _ in 0..4 {
             let Some((stream, id)) = self.writers.next(&mut self.rng, self.now_ms, new) else { return Ok(()) };
             let mut i = self.rng.gen_range(0..self.nodes.len());
@@ -668,9 +654,7 @@ impl World {
         }
         let healed = self.now_ms;
         self.say(format_args!("heal: faults off"));
-        if self.replication {
-            self.writers.probe(self.now_ms, &mut self.rng);
-        }
+        self.writers.probe(self.now_ms, &mut self.rng);
         while self.now_ms - healed < LIVENESS_MS_MAX {
             self.step(false)?;
             if self.converged() {
@@ -711,12 +695,10 @@ impl World {
     }
 }
 
-/// Runs one seed with `nodes` nodes; `verbose` prints every fault and membership event;
-/// `replication` runs the replicated-log workload (always, for its planted bugs).
-pub fn run_seed(seed: u64, nodes: usize, bug: Option<Bug>, verbose: bool, replication: bool) -> Outcome {
+/// Runs one seed with `nodes` nodes; `verbose` prints every fault and membership event.
+pub fn run_seed(seed: u64, nodes: usize, bug: Option<Bug>, verbose: bool) -> Outcome {
     let mut world = World::new(seed, nodes.max(2), bug);
     world.verbose = verbose;
-    world.replication = replication || bug.is_some_and(Bug::in_replication);
     for node in &mut world.nodes {
         node.log.verbose = verbose;
     }

@@ -1,7 +1,6 @@
-//! `cargo run --release -p sim -- --seeds N [--from S] [--nodes K] [--bug NAME] [--twice]
-//! [--replication]`, `--seed S` to replay one seed with its trace (every fault and membership
-//! event), `--list-bugs`. `--replication` adds the replicated-log workload (work in progress:
-//! not yet in the default run; its planted bugs always use it).
+//! `cargo run --release -p sim -- --seeds N [--from S] [--nodes K] [--bug NAME] [--twice]`,
+//! `--seed S` to replay one seed with its trace (every fault and membership event),
+//! `--list-bugs`.
 //!
 //! Prints `seed=<S> trace=<hash> ok|FAIL <invariant>` per seed and the run's figures. With
 //! `--bug`, succeeds only if some seed caught the planted bug (it stops at the first). With
@@ -52,14 +51,13 @@ fn main() -> ExitCode {
         }
     };
     let twice = flag("--twice");
-    let replication = flag("--replication");
     let progress = std::io::stderr().is_terminal() && seeds.len() > 1;
     let started = Instant::now();
     let (mut failed, mut simulated_ms, mut ran) = (0u64, 0u64, 0u64);
     let mut faults: BTreeMap<Fault, u64> = BTreeMap::new();
     let mut convergence: Vec<u64> = Vec::new();
     for (n, seed) in seeds.iter().copied().enumerate() {
-        let outcome = run_seed(seed, nodes, bug, seeds.len() == 1, replication);
+        let outcome = run_seed(seed, nodes, bug, seeds.len() == 1);
         ran += 1;
         simulated_ms += outcome.simulated_ms;
         for (fault, count) in &outcome.faults {
@@ -71,7 +69,7 @@ fn main() -> ExitCode {
             Err(failure) => format!("FAIL {}", failure.invariant),
         };
         if twice {
-            let again = run_seed(seed, nodes, bug, false, replication);
+            let again = run_seed(seed, nodes, bug, false);
             if again.trace != outcome.trace {
                 verdict = format!("FAIL determinism (second run gave trace={:016x})", again.trace);
             }
@@ -88,10 +86,7 @@ fn main() -> ExitCode {
             let bug_arg = bug
                 .map(|b| format!(" --bug {}", Bug::ALL.iter().find(|(x, ..)| *x == b).unwrap().1))
                 .unwrap_or_default();
-            println!(
-                "  replay: cargo run --release -p sim -- --seed {seed} --nodes {nodes}{bug_arg}{}",
-                if replication { " --replication" } else { "" }
-            );
+            println!("  replay: cargo run --release -p sim -- --seed {seed} --nodes {nodes}{bug_arg}");
             if bug.is_some() {
                 break;
             }

@@ -905,7 +905,10 @@ impl Replicas {
 
     fn on_prepare(&mut self, now_ms: u64, from: &str, part: Partition, epoch: Epoch) {
         let p = self.parts.entry(part).or_insert_with(Part::new);
-        if epoch < p.promised {
+        // A node outside the recorded conf cannot lead it (it would adopt a log without the
+        // conf's quorum); refusing keeps it from deposing the primary over and over.
+        let outsider = !p.conf.members.is_empty() && p.conf.member(from).is_none();
+        if epoch < p.promised || outsider {
             let promised = p.promised.clone();
             self.send(from, Msg::Refuse { part, promised });
             return;
@@ -1323,7 +1326,8 @@ impl Replicas {
             let quiet = now_ms.saturating_sub(progress.sent_ms) >= resend_ms;
             let lagging = progress.matched < last;
             if progress.sent_ms == 0 || (resend && ((quiet && lagging) || progress.told < commit)) {
-                let from = if quiet { progress.matched + 1 } else { progress.next };
+                // Quiet after a send: what was sent may be lost, so go back to what was acked.
+                let from = if quiet && progress.sent_ms != 0 { progress.matched + 1 } else { progress.next };
                 let from = from.min(last + 1);
                 plan.push((node.clone(), from));
             }
