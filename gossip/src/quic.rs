@@ -181,6 +181,14 @@ impl Mesh {
         Ok(connection)
     }
 
+    /// Closes the request connection to `to` (a member seen down): requests waiting on it
+    /// fail at once instead of at the idle timeout, and the next request connects afresh.
+    pub async fn close_connection(&self, to: &NodeId) {
+        if let Some(connection) = self.request_connections.lock().await.remove(to) {
+            connection.close(0u32.into(), b"member down");
+        }
+    }
+
     /// Tells the mesh we are leaving, and waits briefly for that to be sent.
     pub async fn leave(&self) {
         let (tx, rx) = oneshot::channel();
@@ -195,6 +203,8 @@ fn transport() -> Result<Arc<TransportConfig>, MeshError> {
     let idle = quinn::IdleTimeout::try_from(Duration::from_secs(5)).map_err(|e| MeshError::Config(e.to_string()))?;
     transport.max_idle_timeout(Some(idle));
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    // Forwarded long-polls each hold a request stream while they wait.
+    transport.max_concurrent_bidi_streams(20_000u32.into());
     transport.datagram_receive_buffer_size(Some(1 << 20));
     Ok(Arc::new(transport))
 }

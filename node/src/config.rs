@@ -37,6 +37,9 @@ pub struct FileConfig {
     pub mesh_suspect_to_down_ms: Option<u64>,
     pub mesh_gossip_period_ms: Option<u64>,
     pub mesh_announce_interval_ms: Option<u64>,
+    pub replicas: Option<usize>,
+    pub write_quorum: Option<usize>,
+    pub partitions: Option<u32>,
 }
 
 impl FileConfig {
@@ -78,6 +81,11 @@ pub struct Config {
     /// The mesh address other nodes dial (defaults to `mesh`).
     pub mesh_advertise: Option<SocketAddr>,
     pub mesh_profile: gossip::Profile,
+    /// R: replicas per partition; 1 keeps each node's data on that node alone (no replication).
+    pub replicas: usize,
+    /// W: replicas that must sync an entry before it commits.
+    pub write_quorum: usize,
+    pub partitions: u32,
 }
 
 /// Values given on the command line or in the environment (clap reads both).
@@ -116,6 +124,9 @@ pub struct Overrides {
     /// Mesh address to advertise, when others reach this node through a proxy or NAT.
     #[arg(long, env = "GRIDDLE_MESH_ADVERTISE")]
     pub mesh_advertise: Option<SocketAddr>,
+    /// Replicas per partition (R); with more than 1, partitions are replicated.
+    #[arg(long, env = "GRIDDLE_REPLICAS")]
+    pub replicas: Option<usize>,
 }
 
 impl Config {
@@ -176,6 +187,15 @@ impl Config {
         if mesh_profile.probe_rtt_ms == 0 || mesh_profile.probe_rtt_ms >= mesh_profile.probe_period_ms {
             bail!("mesh_probe_rtt_ms must be above 0 and below mesh_probe_period_ms");
         }
+        let replicas = flags.replicas.or(file.replicas).unwrap_or(1);
+        let write_quorum = file.write_quorum.unwrap_or(replicas.min(2));
+        if replicas == 0 || write_quorum == 0 || write_quorum > replicas {
+            bail!("replicas must be at least 1 and write_quorum 1..=replicas (got {replicas} and {write_quorum})");
+        }
+        let partitions = file.partitions.unwrap_or(node_core::placement::PARTITIONS_DEFAULT);
+        if !(1..=65_536).contains(&partitions) {
+            bail!("partitions must be 1..=65536");
+        }
         Ok(Config {
             data_dir: flags
                 .data_dir
@@ -200,6 +220,9 @@ impl Config {
             certs,
             mesh_advertise: flags.mesh_advertise.or(file.mesh_advertise),
             mesh_profile,
+            replicas,
+            write_quorum,
+            partitions,
         })
     }
 }

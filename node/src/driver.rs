@@ -6,24 +6,51 @@
 //! reach the store in the order the core sequenced them. Store completions arrive on a channel
 //! that one task feeds back into the core, so the store's writer thread never waits for the
 //! core. Read-only requests (history pages) do not take the lock at all.
+//!
+//! With `replicas > 1` the driver also runs the partition replication machine
+//! (`node_core::repl::Replicas`) under the same lock: the core's batches become proposals to
+//! the partition's log (`Committed` then reports them durable to the core, `Abandoned` fails
+//! their requests with 503), its messages travel over the mesh (`[TAG_REPL]` frames), and a
+//! request whose partition another node serves is forwarded there (`[TAG_FORWARD]`, the
+//! request as JSON) and answered from there. A forwarded request is never forwarded again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use node_core::api::{Reply, Request, RequestId};
+use gossip::quic::Mesh;
+use gossip::{MemberState, NodeId};
+use node_core::api::{CoreError, Reply, Request, RequestId};
+use node_core::placement::{self, Partition};
+use node_core::repl::{self, Msg, Replicas};
 use node_core::{BatchId, NodeCore, Output};
 use parking_lot::{Mutex, MutexGuard};
-use store::{Store, StoreError};
+use store::{Store, StoreError, WriteBatch};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::clock::now_ms;
 
+/// First byte of a mesh request: replication messages (answered with nothing).
+pub const TAG_REPL: u8 = 1;
+/// First byte of a mesh request: a forwarded API request as JSON (answered with the reply).
+pub const TAG_FORWARD: u8 = 2;
+
+/// How long a request waits for its partition to get a primary before it is refused.
+const PRIMARY_WAIT_MS: u64 = 2_000;
+
+enum Completed {
+    Core(BatchId, Result<(), StoreError>),
+    Repl(u64, Result<(), StoreError>),
+}
+
 pub struct Driver {
     inner: Mutex<Inner>,
     store: Arc<dyn Store>,
-    completions: mpsc::UnboundedSender<(BatchId, Result<(), StoreError>)>,
+    completions: mpsc::UnboundedSender<Completed>,
+    /// Set once the mesh runs (replication sends through it).
+    mesh: OnceLock<Arc<Mesh>>,
+    node_id: String,
     /// Wakes the timer task when a deadline earlier than the one it sleeps to appears.
     timer: Notify,
     armed_ms: AtomicU64,
@@ -35,16 +62,42 @@ struct Inner {
     core: NodeCore,
     replies: HashMap<RequestId, oneshot::Sender<Reply>>,
     next_request: u64,
+    repl: Option<Replication>,
+}
+
+struct Replication {
+    machine: Replicas,
+    partitions: u32,
+    /// Proposal token -> the core's batch.
+    tokens: HashMap<u64, BatchId>,
+    view: Vec<repl::View>,
+    outbox: BTreeMap<String, Vec<Msg>>,
 }
 
 impl Driver {
     /// Starts the driver's two tasks (store completions, timer) on the current runtime.
-    pub fn start(core: NodeCore, store: Arc<dyn Store>) -> Arc<Driver> {
+    /// `replicas`: the replication machine, when partitions are replicated.
+    pub fn start(
+        core: NodeCore,
+        store: Arc<dyn Store>,
+        replicas: Option<Replicas>,
+        node_id: String,
+        partitions: u32,
+    ) -> Arc<Driver> {
         let (completions, mut completed) = mpsc::unbounded_channel();
+        let repl = replicas.map(|machine| Replication {
+            machine,
+            partitions,
+            tokens: HashMap::new(),
+            view: Vec::new(),
+            outbox: BTreeMap::new(),
+        });
         let driver = Arc::new(Driver {
-            inner: Mutex::new(Inner { core, replies: HashMap::new(), next_request: 0 }),
+            inner: Mutex::new(Inner { core, replies: HashMap::new(), next_request: 0, repl }),
             store,
             completions,
+            mesh: OnceLock::new(),
+            node_id,
             timer: Notify::new(),
             armed_ms: AtomicU64::new(u64::MAX),
             fatal: Notify::new(),
@@ -52,14 +105,14 @@ impl Driver {
         driver.pump(driver.inner.lock()); // Outputs of recovery.
         let weak = Arc::downgrade(&driver);
         tokio::spawn(async move {
-            while let Some((batch, result)) = completed.recv().await {
+            while let Some(done) = completed.recv().await {
                 let Some(driver) = weak.upgrade() else { return };
                 let mut inner = driver.inner.lock();
                 let now = now_ms();
-                inner.core.persisted(now, batch, result);
+                inner.completed(now, done);
                 // Take whatever else completed meanwhile under the same lock.
-                while let Ok((batch, result)) = completed.try_recv() {
-                    inner.core.persisted(now, batch, result);
+                while let Ok(done) = completed.try_recv() {
+                    inner.completed(now, done);
                 }
                 driver.pump(inner);
             }
@@ -73,7 +126,9 @@ impl Driver {
                     // Armed under the lock, so a request that adds an earlier deadline after
                     // this sees it and wakes us.
                     let inner = driver.inner.lock();
-                    let deadline = inner.core.poll_timeout().unwrap_or(u64::MAX).min(now + 1000);
+                    let repl = inner.repl.as_ref().and_then(|r| r.machine.poll_timeout(now));
+                    let deadline =
+                        inner.core.poll_timeout().unwrap_or(u64::MAX).min(repl.unwrap_or(u64::MAX)).min(now + 1000);
                     driver.armed_ms.store(deadline, Ordering::Relaxed);
                     deadline
                 };
@@ -83,15 +138,116 @@ impl Driver {
                     _ = driver.timer.notified() => {}
                 }
                 let mut inner = driver.inner.lock();
-                inner.core.tick(now_ms());
+                let now = now_ms();
+                inner.core.tick(now);
+                if let Some(repl) = &mut inner.repl {
+                    if let Some(mesh) = driver.mesh.get() {
+                        let view = view_of(mesh);
+                        if view != repl.view {
+                            for gone in
+                                view.iter().filter(|v| v.down && !repl.view.iter().any(|o| o.node == v.node && o.down))
+                            {
+                                if let Some(id) = NodeId::new(gone.node.clone()) {
+                                    let mesh = mesh.clone();
+                                    tokio::spawn(async move { mesh.close_connection(&id).await });
+                                }
+                            }
+                            repl.view = view.clone();
+                            repl.machine.set_view(now, view);
+                        }
+                    }
+                    repl.machine.tick(now);
+                }
                 driver.pump(inner);
             }
         });
         driver
     }
 
-    /// Runs one request to its reply. Dropping the future cancels a long-poll.
+    /// The mesh is up: replication can send, and members can be seen.
+    pub fn attach_mesh(&self, mesh: Arc<Mesh>) {
+        let _ = self.mesh.set(mesh);
+        self.timer.notify_one();
+    }
+
+    /// Answers a request from another member: replication messages, or a forwarded request.
+    pub async fn answer(self: &Arc<Self>, from: NodeId, body: Vec<u8>) -> Vec<u8> {
+        match body.split_first() {
+            Some((&TAG_REPL, msgs)) => {
+                let Ok(msgs) = repl::decode_msgs(msgs) else { return Vec::new() };
+                let mut inner = self.inner.lock();
+                let now = now_ms();
+                if let Some(repl) = &mut inner.repl {
+                    for msg in msgs {
+                        repl.machine.handle(now, from.as_str(), msg);
+                    }
+                }
+                self.pump(inner);
+                Vec::new()
+            }
+            Some((&TAG_FORWARD, json)) => {
+                let reply = match serde_json::from_slice::<Request>(json) {
+                    Ok(request) => self.call_here(request).await,
+                    Err(error) => Reply::Error(CoreError::BadRequest(format!("forwarded request: {error}"))),
+                };
+                serde_json::to_vec(&reply).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Runs one request to its reply, here or at its partition's primary. Dropping the future
+    /// cancels a long-poll.
     pub async fn call(self: &Arc<Self>, request: Request) -> Reply {
+        self.route(request, true).await
+    }
+
+    /// Runs a request forwarded by another member: here, or refused.
+    async fn call_here(self: &Arc<Self>, request: Request) -> Reply {
+        self.route(request, false).await
+    }
+
+    async fn route(self: &Arc<Self>, request: Request, may_forward: bool) -> Reply {
+        let Some(part) = self.partition_of(&request) else { return self.run(request).await };
+        let waited = now_ms() + PRIMARY_WAIT_MS;
+        loop {
+            let (serving, hint) = {
+                let mut inner = self.inner.lock();
+                let repl = inner.repl.as_mut().expect("partition_of is Some only when replicating");
+                let serving = repl.machine.is_serving(part);
+                if !serving {
+                    repl.machine.activate(now_ms(), part);
+                }
+                let hint = repl.machine.primary_hint(part);
+                self.pump(inner);
+                (serving, hint)
+            };
+            if serving {
+                return self.run(request).await;
+            }
+            let mesh = self.mesh.get().cloned();
+            if let (true, Some(hint), Some(mesh)) = (may_forward, hint, mesh) {
+                if hint != self.node_id {
+                    if let Some(reply) = forward(&mesh, &hint, &request).await {
+                        return reply;
+                    }
+                }
+            }
+            if now_ms() >= waited {
+                return Reply::Error(CoreError::Unavailable(format!("partition {part} has no primary yet; retry")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The replicated partition a request belongs to (`None` when nothing is replicated, or
+    /// for requests any node answers).
+    fn partition_of(&self, request: &Request) -> Option<Partition> {
+        let partitions = self.inner.lock().repl.as_ref()?.partitions;
+        Some(placement::partition_of(&request.route()?, partitions))
+    }
+
+    async fn run(self: &Arc<Self>, request: Request) -> Reply {
         if let Some(reply) = node_core::read_only(&*self.store, &request) {
             return reply;
         }
@@ -113,26 +269,80 @@ impl Driver {
         reply
     }
 
-    /// Drains the core's outputs in order, then releases the lock.
+    /// Drains the core's and the replication machine's outputs in order (each may feed the
+    /// other), sends what replication wants sent, then releases the lock.
     fn pump(&self, mut inner: MutexGuard<'_, Inner>) {
-        while let Some(output) = inner.core.poll_output() {
-            match output {
-                Output::Persist(batch, writes) => {
-                    let completions = self.completions.clone();
-                    self.store.append(writes, Box::new(move |result| drop(completions.send((batch, result)))));
-                }
-                Output::Reply(id, reply) => {
-                    if let Some(tx) = inner.replies.remove(&id) {
-                        let _ = tx.send(reply);
+        loop {
+            let mut progress = false;
+            while let Some(output) = inner.core.poll_output() {
+                progress = true;
+                match output {
+                    Output::Persist(batch, writes) => inner.persist_core(self, batch, writes),
+                    Output::Reply(id, reply) => {
+                        if let Some(tx) = inner.replies.remove(&id) {
+                            let _ = tx.send(reply);
+                        }
+                    }
+                    Output::Fatal(error) => {
+                        tracing::error!(%error, "storage failed; stopping so the node restarts from what is on disk");
+                        self.fatal.notify_one();
                     }
                 }
-                Output::Fatal(error) => {
-                    tracing::error!(%error, "storage failed; stopping so the node restarts from what is on disk");
-                    self.fatal.notify_one();
+            }
+            let Inner { core, repl, .. } = &mut *inner;
+            if let Some(repl) = repl {
+                let now = now_ms();
+                while let Some(output) = repl.machine.poll_output() {
+                    progress = true;
+                    match output {
+                        repl::Output::Send { to, msg } => repl.outbox.entry(to).or_default().push(msg),
+                        repl::Output::Persist { id, batch } => {
+                            let completions = self.completions.clone();
+                            let done = move |r| drop(completions.send(Completed::Repl(id, r)));
+                            self.store.append(batch, Box::new(done));
+                        }
+                        repl::Output::Committed { token, .. } => {
+                            if let Some(batch) = repl.tokens.remove(&token) {
+                                core.persisted(now, batch, Ok(()));
+                            }
+                        }
+                        repl::Output::Abandoned { token, .. } => {
+                            if let Some(batch) = repl.tokens.remove(&token) {
+                                core.abandoned(now, batch);
+                            }
+                        }
+                        repl::Output::Serving { part, serving } => {
+                            tracing::debug!(part, serving, "primary");
+                            let partitions = repl.partitions;
+                            core.forget(|stream| placement::partition_of(stream, partitions) == part);
+                        }
+                        repl::Output::Fatal(error) => {
+                            tracing::error!(%error, "storage failed; stopping so the node restarts from what is on disk");
+                            self.fatal.notify_one();
+                        }
+                    }
                 }
             }
+            if !progress {
+                break;
+            }
         }
-        if inner.core.poll_timeout().is_some_and(|deadline| deadline < self.armed_ms.load(Ordering::Relaxed)) {
+        if let (Some(repl), Some(mesh)) = (&mut inner.repl, self.mesh.get()) {
+            for (to, msgs) in std::mem::take(&mut repl.outbox) {
+                let Some(to) = NodeId::new(to) else { continue };
+                let mut body = vec![TAG_REPL];
+                body.extend(repl::encode_msgs(&msgs));
+                let mesh = mesh.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = mesh.request(&to, &body).await {
+                        tracing::debug!(%error, "replication send");
+                    }
+                });
+            }
+        }
+        let repl_deadline = inner.repl.as_ref().and_then(|r| r.machine.poll_timeout(now_ms()));
+        let deadline = inner.core.poll_timeout().unwrap_or(u64::MAX).min(repl_deadline.unwrap_or(u64::MAX));
+        if deadline < self.armed_ms.load(Ordering::Relaxed) {
             self.timer.notify_one();
         }
     }
@@ -169,5 +379,79 @@ impl Drop for Pending<'_> {
         inner.replies.remove(&self.id);
         inner.core.cancel(now_ms(), self.id);
         self.driver.pump(inner);
+    }
+}
+
+impl Inner {
+    fn completed(&mut self, now: u64, done: Completed) {
+        match done {
+            Completed::Core(batch, result) => self.core.persisted(now, batch, result),
+            Completed::Repl(id, result) => {
+                if let Some(repl) = &mut self.repl {
+                    repl.machine.persisted(now, id, result);
+                }
+            }
+        }
+    }
+
+    /// A batch the core sequenced: straight to the store, or proposed to its partition's log.
+    fn persist_core(&mut self, driver: &Driver, batch: BatchId, writes: WriteBatch) {
+        let Some(repl) = &mut self.repl else {
+            let completions = driver.completions.clone();
+            driver.store.append(writes, Box::new(move |r| drop(completions.send(Completed::Core(batch, r)))));
+            return;
+        };
+        let now = now_ms();
+        let Some(part) = batch_partition(&writes, repl.partitions) else {
+            // Streams of several partitions in one batch (a chat message's inbox copies on
+            // other primaries): not yet supported across primaries.
+            self.core.abandoned(now, batch);
+            return;
+        };
+        match repl.machine.propose(now, part, writes) {
+            Ok(token) => {
+                repl.tokens.insert(token, batch);
+            }
+            Err(_) => self.core.abandoned(now, batch),
+        }
+    }
+}
+
+/// The one partition every stream a batch writes falls in (copy markers name their stream).
+fn batch_partition(batch: &WriteBatch, partitions: u32) -> Option<Partition> {
+    let streams =
+        batch.events.iter().map(|e| e.stream.as_str().to_owned()).chain(batch.meta.iter().filter_map(|(key, _)| {
+            let rest = key.strip_prefix(b"copy:")?;
+            let end = rest.iter().position(|b| *b == 0)?;
+            String::from_utf8(rest[..end].to_vec()).ok()
+        }));
+    let mut parts = streams.map(|s| placement::partition_of(&s, partitions));
+    let first = parts.next()?;
+    parts.all(|p| p == first).then_some(first)
+}
+
+/// The membership as the replication machine sees it.
+fn view_of(mesh: &Mesh) -> Vec<repl::View> {
+    mesh.members()
+        .into_iter()
+        .map(|(member, state)| repl::View {
+            node: member.id.to_string(),
+            weight_milli: u32::from(member.weight_milli),
+            down: state == MemberState::Down,
+        })
+        .collect()
+}
+
+/// Sends `request` to `to` and returns its reply; `None` when `to` could not be reached.
+async fn forward(mesh: &Mesh, to: &str, request: &Request) -> Option<Reply> {
+    let to = NodeId::new(to)?;
+    let mut body = vec![TAG_FORWARD];
+    body.extend(serde_json::to_vec(request).ok()?);
+    match mesh.request(&to, &body).await {
+        Ok(answer) => serde_json::from_slice(&answer).ok(),
+        Err(error) => {
+            tracing::debug!(%error, "forward");
+            None
+        }
     }
 }

@@ -63,9 +63,34 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     let core =
         node_core::NodeCore::new(core_config, store.clone(), clock::now_ms()).context("recover the node core")?;
-    let driver = Driver::start(core, store);
+    let replicas = if config.replicas > 1 {
+        let repl_config = node_core::repl::Config {
+            partitions: config.partitions,
+            replicas: config.replicas,
+            write_quorum: config.write_quorum,
+            seed: clock::seed(),
+            ..node_core::repl::Config::new(config.node_id.clone())
+        };
+        let machine = node_core::repl::Replicas::new(repl_config, store.clone(), clock::now_ms())
+            .context("recover the replicated partitions")?;
+        Some(machine)
+    } else {
+        None
+    };
+    let driver = Driver::start(core, store, replicas, config.node_id.clone(), config.partitions);
     let http_addr = listener.local_addr()?;
-    let mesh = Arc::new(mesh::start(&config, http_addr).await?);
+    let weak = Arc::downgrade(&driver);
+    let handler: gossip::quic::Handler = Arc::new(move |from, body| {
+        let driver = weak.upgrade();
+        Box::pin(async move {
+            match driver {
+                Some(driver) => driver.answer(from, body).await,
+                None => Vec::new(),
+            }
+        })
+    });
+    let mesh = Arc::new(mesh::start(&config, http_addr, Some(handler)).await?);
+    driver.attach_mesh(mesh.clone());
     // Tests and scripts read this line to learn the bound ports.
     println!("griddle {} listening on http://{http_addr}/ mesh {}", config.node_id, mesh.local_addr());
     let service = Arc::new(NodeService::new(&config, driver.clone(), mesh.clone()));

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context;
-use gossip::quic::{Mesh, MeshConfig};
+use gossip::quic::{Handler, Mesh, MeshConfig};
 use gossip::tls::{self, Credentials, Pem};
 use gossip::{Identity, NodeId};
 
@@ -33,7 +33,7 @@ pub fn credentials(config: &Config, id: &NodeId) -> anyhow::Result<Credentials> 
     }
 }
 
-pub async fn start(config: &Config, http_addr: SocketAddr) -> anyhow::Result<Mesh> {
+pub async fn start(config: &Config, http_addr: SocketAddr, handler: Option<Handler>) -> anyhow::Result<Mesh> {
     let id = NodeId::new(config.node_id.clone()).context("node id")?;
     let credentials = credentials(config, &id)?;
     let mut seeds = Vec::new();
@@ -53,7 +53,7 @@ pub async fn start(config: &Config, http_addr: SocketAddr) -> anyhow::Result<Mes
         credentials: credentials.clone(),
         clock: clock::now_ms,
         seed: clock::seed(),
-        handler: None, // Forwarding and replication will answer requests here.
+        handler: handler.clone(),
     };
     if advertise.port() != 0 {
         return Mesh::start(mesh_config(identity(advertise), config.mesh)).await.context("start the mesh");

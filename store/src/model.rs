@@ -1,7 +1,7 @@
 //! The data model every crate shares: stream names, versions, event ids and events.
 //!
-//! These are plain values. They do not derive `Serialize`: the on-disk format lives in
-//! [`crate::codec`], the wire format of the HTTP API lives in `web`.
+//! These are plain values. Their serde form is only for requests forwarded between nodes;
+//! the on-disk format lives in [`crate::codec`], the wire format of the HTTP API in `web`.
 
 use std::fmt;
 
@@ -12,8 +12,22 @@ pub const STREAM_NAME_LEN_MAX: usize = 160;
 ///
 /// Valid names are 1..=160 bytes of `[A-Za-z0-9_:.-]`; in particular they never contain the
 /// zero byte, which the RocksDB backend uses as the separator in its keys.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct StreamName(String);
+
+impl TryFrom<String> for StreamName {
+    type Error = InvalidName;
+    fn try_from(name: String) -> Result<StreamName, InvalidName> {
+        StreamName::new(name)
+    }
+}
+
+impl From<StreamName> for String {
+    fn from(name: StreamName) -> String {
+        name.0
+    }
+}
 
 impl StreamName {
     pub fn new(name: impl Into<String>) -> Result<StreamName, InvalidName> {
@@ -52,7 +66,7 @@ impl fmt::Debug for StreamName {
 pub struct InvalidName(pub String);
 
 /// A position in a stream. Versions are dense: the first event is 1, an empty stream's head is 0.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Version(pub u64);
 
 impl Version {
@@ -70,7 +84,7 @@ impl fmt::Display for Version {
 }
 
 /// A 128-bit event id, written as a ULID. Appends are idempotent by id within a stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct EventId(pub u128);
 
 impl EventId {
@@ -107,7 +121,7 @@ impl fmt::Display for EventId {
 }
 
 /// One stored event. `data` is JSON text, validated by whoever accepted it from outside.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub id: EventId,
     pub stream: StreamName,

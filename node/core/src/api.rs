@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use store::{Event, EventId, StreamName, Version};
 
 /// A request's handle, chosen by the driver; the reply carries it back.
@@ -19,7 +20,7 @@ pub const PAGE_LEN_MAX: usize = 100;
 /// Events in the feed page that a fresh `sync` returns.
 pub const SYNC_FEED_PAGE_LEN: usize = 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FeedKind {
     Flirt,
     Visit,
@@ -35,7 +36,7 @@ impl FeedKind {
 }
 
 /// An event handed in through the generic stream API.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
     pub id: Option<EventId>,
     pub kind: String,
@@ -43,7 +44,7 @@ pub struct NewEvent {
     pub data: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     PostMessage {
         user: String,
@@ -113,7 +114,31 @@ pub enum Request {
     },
 }
 
-#[derive(Clone, Debug, PartialEq)]
+impl Request {
+    /// The stream whose partition's primary serves this request (so its partition decides
+    /// where a gateway forwards it); `None` for what any node answers itself.
+    ///
+    /// A user's `sync`, chat list, read markers and flags go where `inbox:{user}` lives (the
+    /// same partition as `feed:{user}`); typing goes where the *peer's* inbox lives, because
+    /// that is where the peer's `sync` waits.
+    pub fn route(&self) -> Option<String> {
+        let chat = |a: &str, b: &str| if a <= b { format!("chat:{a}:{b}") } else { format!("chat:{b}:{a}") };
+        Some(match self {
+            Request::PostMessage { user, peer, .. } | Request::Messages { user, peer, .. } => chat(user, peer),
+            Request::Typing { peer, .. } => format!("inbox:{peer}"),
+            Request::MarkRead { user, .. } | Request::Chats { user, .. } | Request::Sync { user, .. } => {
+                format!("inbox:{user}")
+            }
+            Request::Feed { user, .. } => format!("feed:{user}"),
+            Request::PostFeed { target, .. } => format!("feed:{target}"),
+            Request::Flags { .. } | Request::SetFlag { .. } => "sys:flags".into(),
+            Request::StreamAppend { stream, .. } | Request::StreamRead { stream, .. } => stream.as_str().into(),
+            Request::Online { .. } => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     /// One event appended (`created`) or found by its id (not `created`).
     Appended {
@@ -140,7 +165,7 @@ pub enum Reply {
     Error(CoreError),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum CoreError {
     #[error("{0}")]
     BadRequest(String),
@@ -156,21 +181,21 @@ pub enum CoreError {
     Unavailable(String),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatSummary {
     pub peer: String,
     pub last: Event,
     pub unread: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unread {
     pub total: u64,
     /// Only peers with a non-zero count.
     pub by_peer: BTreeMap<String, u64>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum SyncItem {
     /// A stored event: a chat message (unwrapped from its inbox copy), a feed event, ...
     Event(Event),
@@ -182,7 +207,7 @@ pub enum SyncItem {
     Flags(BTreeMap<String, bool>),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyncReply {
     pub cursor: String,
     pub items: Vec<SyncItem>,
@@ -192,7 +217,7 @@ pub struct SyncReply {
     pub reset: bool,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub feed: Vec<Event>,
     pub feed_head: Version,

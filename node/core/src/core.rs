@@ -556,6 +556,39 @@ impl NodeCore {
         }
     }
 
+    /// A batch handed out by `Output::Persist` will not be made durable by this node (it is
+    /// not, or no longer, the primary of its partition): whether it commits later under
+    /// another primary is unknown. Its requests get 503 (clients retry with the same ids,
+    /// which makes that safe), and what was cached about its streams is dropped.
+    pub fn abandoned(&mut self, _now_ms: u64, batch_id: BatchId) {
+        let Some(batch) = self.batches.remove(&batch_id) else { return };
+        for event in &batch.events {
+            self.streams.remove(&event.stream);
+        }
+        for job_id in batch.jobs {
+            let Some(job) = self.jobs.remove(&job_id) else { continue };
+            let request = match job.then {
+                Then::ReplyOne(r) | Then::ReplyAll(r) | Then::ReplyDone(r) | Then::CopyToInboxes(r) => Some(r),
+                Then::Copied { request, .. } => request,
+            };
+            if let Some(request) = request {
+                let error = CoreError::Unavailable("the primary of this stream changed; retry".into());
+                self.reply(request, Reply::Error(error));
+            }
+        }
+    }
+
+    /// This node started or stopped serving partitions through which `in_partition` says a
+    /// stream falls: everything cached from those streams (heads, chat lists, flags) is
+    /// dropped, because another primary may have moved them meanwhile.
+    pub fn forget(&mut self, in_partition: impl Fn(&str) -> bool) {
+        self.streams.retain(|name, state| !state.pending.is_empty() || !in_partition(name.as_str()));
+        self.summaries.retain(|user, _| !in_partition(&format!("inbox:{user}")));
+        if in_partition("sys:flags") {
+            self.flags = Flags::default();
+        }
+    }
+
     fn finish(&mut self, now_ms: u64, job: Job) {
         let created = job.created;
         let mut events: Vec<Event> =

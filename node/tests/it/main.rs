@@ -4,3 +4,4 @@ mod api;
 mod crash;
 mod harness;
 mod mesh;
+mod replication;
