@@ -237,6 +237,8 @@ pub mod keys {
     use super::Partition;
 
     pub const STORAGE: &[u8] = b"r/storage";
+    /// `r/nodes/{id}`: every node this disk has seen in the mesh.
+    pub const NODES: &[u8] = b"r/nodes/";
 
     fn part(p: Partition, rest: &str) -> Vec<u8> {
         format!("r/{p:04x}/{rest}").into_bytes()
@@ -441,6 +443,9 @@ pub struct Replicas {
     rng: u64,
     parts: BTreeMap<Partition, Part>,
     view: BTreeMap<String, View>,
+    /// Every node ever seen (durable): a partition starts afresh only if all of them say
+    /// they hold no log of it, so a partial view after a restart cannot fork it.
+    seen_nodes: BTreeSet<String>,
     outputs: VecDeque<Output>,
     persists: HashMap<u64, Done>,
     next_persist: u64,
@@ -460,6 +465,7 @@ impl Replicas {
             storage: 0,
             parts: BTreeMap::new(),
             view: BTreeMap::new(),
+            seen_nodes: BTreeSet::new(),
             outputs: VecDeque::new(),
             persists: HashMap::new(),
             next_persist: 0,
@@ -478,6 +484,9 @@ impl Replicas {
                 };
                 this.persist(batch, Done::Storage);
             }
+        }
+        for (key, _) in this.store.meta_scan(keys::NODES, usize::MAX)? {
+            this.seen_nodes.insert(String::from_utf8_lossy(&key[keys::NODES.len()..]).into_owned());
         }
         for (key, value) in this.store.meta_scan(b"r/", usize::MAX)? {
             let corrupt = |what: &str| StoreError::Corrupt(format!("replication {what}"));
@@ -602,6 +611,12 @@ impl Replicas {
     /// Replaces the membership view (this node included).
     pub fn set_view(&mut self, now_ms: u64, view: Vec<View>) {
         self.view = view.into_iter().map(|v| (v.node.clone(), v)).collect();
+        let new: Vec<String> = self.view.keys().filter(|n| !self.seen_nodes.contains(*n)).cloned().collect();
+        if !new.is_empty() {
+            let meta = new.iter().map(|n| ([keys::NODES, n.as_bytes()].concat(), Some(Vec::new()))).collect();
+            self.seen_nodes.extend(new);
+            self.persist(WriteBatch { events: Vec::new(), meta }, Done::Storage);
+        }
         self.tick(now_ms);
     }
 
@@ -869,7 +884,7 @@ impl Replicas {
         }
         let asked: Vec<String> = c.promises.keys().cloned().collect();
         let targets: Vec<String> = if conf.members.is_empty() {
-            self.view.keys().cloned().collect()
+            self.view.keys().chain(self.seen_nodes.iter()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
         } else {
             conf.voters().map(|m| m.node.clone()).collect()
         };
@@ -934,9 +949,12 @@ impl Replicas {
         self.persist(batch, Done::Promised { part, epoch, reply_to: Some(from.to_string()) });
     }
 
-    /// Whether this disk holds a replica set of any partition.
+    /// Whether this disk was ever admitted as a voter: some conf it holds names it, with its
+    /// storage id. A new or wiped disk is not (it may hold others' confs already, naming its
+    /// previous storage id, from catching up).
     fn established(&self) -> bool {
-        self.parts.values().any(|p| !p.conf.members.is_empty())
+        let me = self.config.node.as_str();
+        self.parts.values().any(|p| p.conf.is_voter(me, self.storage) || p.applied_conf.is_voter(me, self.storage))
     }
 
     fn promise_msg(&self, part: Partition, epoch: Epoch) -> Msg {
@@ -981,7 +999,7 @@ impl Replicas {
         let longest = self.bug(BugName::AdoptLongest);
         let wiped_vote = self.bug(BugName::WipedVotes);
         let w = self.config.write_quorum;
-        let members: Vec<String> = self.view.keys().cloned().collect();
+        let members: Vec<String> = self.view.keys().chain(self.seen_nodes.iter()).cloned().collect();
         let established = self.established();
         let p = self.parts.get_mut(&part).expect("exists");
         let Role::Candidate(c) = &p.role else { return };
@@ -1009,8 +1027,9 @@ impl Replicas {
         let counts = |node: &str, st: u64| wiped_vote || conf.is_voter(node, st);
         let enough = if conf.members.is_empty() {
             // Never started anywhere we heard of: every member of the view, down ones too,
-            // must say it holds no log, so that a partition whose data lives elsewhere (this
-            // disk may have been wiped) is never started afresh.
+            // and every node this disk ever saw must say it holds no log, so that a partition
+            // whose data lives elsewhere (this disk may be wiped, the view partial after a
+            // restart) is never started afresh.
             // A disk that holds nothing while others hold something may have been wiped: it
             // leaves first starts to them. And a first start needs R members.
             let fresh_among_established = !established && c.promises.values().any(|pr| pr.established);
