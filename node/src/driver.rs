@@ -50,6 +50,9 @@ pub struct Driver {
     completions: mpsc::UnboundedSender<Completed>,
     /// Set once the mesh runs (replication sends through it).
     mesh: OnceLock<Arc<Mesh>>,
+    /// This driver, for tasks it spawns itself.
+    me: OnceLock<std::sync::Weak<Driver>>,
+    stopped: std::sync::atomic::AtomicBool,
     node_id: String,
     /// Wakes the timer task when a deadline earlier than the one it sleeps to appears.
     timer: Notify,
@@ -97,11 +100,14 @@ impl Driver {
             store,
             completions,
             mesh: OnceLock::new(),
+            me: OnceLock::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             node_id,
             timer: Notify::new(),
             armed_ms: AtomicU64::new(u64::MAX),
             fatal: Notify::new(),
         });
+        let _ = driver.me.set(Arc::downgrade(&driver));
         driver.pump(driver.inner.lock()); // Outputs of recovery.
         let weak = Arc::downgrade(&driver);
         tokio::spawn(async move {
@@ -287,6 +293,7 @@ impl Driver {
                         tracing::error!(%error, "storage failed; stopping so the node restarts from what is on disk");
                         self.fatal.notify_one();
                     }
+                    Output::Forward(forward, request) => self.deliver(forward, request),
                 }
             }
             let Inner { core, repl, .. } = &mut *inner;
@@ -313,8 +320,7 @@ impl Driver {
                         }
                         repl::Output::Serving { part, serving } => {
                             tracing::debug!(part, serving, "primary");
-                            let partitions = repl.partitions;
-                            core.forget(|stream| placement::partition_of(stream, partitions) == part);
+                            core.serving(part, serving);
                         }
                         repl::Output::Fatal(error) => {
                             tracing::error!(%error, "storage failed; stopping so the node restarts from what is on disk");
@@ -347,8 +353,41 @@ impl Driver {
         }
     }
 
+    /// Runs a delivery the core asked for (inbox copies to another primary) until it
+    /// succeeds, with backoff; the answer goes back to the core. Deliveries are idempotent
+    /// (the ids are fixed), so retrying after an unclear failure is safe.
+    fn deliver(&self, forward: node_core::ForwardId, request: Request) {
+        let Some(driver) = self.mesh.get().and(self.me.get()).and_then(|weak| weak.upgrade()) else {
+            // No mesh yet (recovery at start): try again shortly from a task.
+            let me = self.me.get().cloned();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Some(driver) = me.and_then(|weak| weak.upgrade()) {
+                    driver.deliver(forward, request);
+                }
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let mut backoff_ms = 20;
+            loop {
+                let reply = driver.route(request.clone(), true).await;
+                let retry = matches!(&reply, Reply::Error(CoreError::Unavailable(_) | CoreError::Overloaded(_)));
+                if !retry || driver.stopped.load(Ordering::Relaxed) {
+                    let mut inner = driver.inner.lock();
+                    inner.core.forwarded(now_ms(), forward, reply);
+                    driver.pump(inner);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(1_000);
+            }
+        });
+    }
+
     /// Answers every long-poll (with its cursor) and refuses new requests.
     pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
         let mut inner = self.inner.lock();
         inner.core.stop(now_ms());
         self.pump(inner);

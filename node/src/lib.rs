@@ -59,6 +59,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         cursor_key: config.cursor_secret.as_bytes().to_vec(),
         waiters_max: config.long_polls_max,
         seed: clock::seed(),
+        partitions: (config.replicas > 1).then_some(config.partitions),
         ..Default::default()
     };
     let core =

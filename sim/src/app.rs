@@ -177,6 +177,7 @@ impl App {
                     }
                     Output::Reply(id, reply) => self.replied(id, reply)?,
                     Output::Fatal(_) => self.failed_storage = true,
+                    Output::Forward(..) => unreachable!("this core is not replicated"),
                 }
             }
             let done = std::mem::take(&mut *self.completions.lock().unwrap());

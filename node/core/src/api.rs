@@ -112,6 +112,14 @@ pub enum Request {
         limit: usize,
         wait_ms: u64,
     },
+    /// Between nodes only (no route builds it): appends with ids the sender chose, to any
+    /// stream, reserved kinds included. A chat message's primary delivers its inbox copies
+    /// this way to the inboxes' primaries, retrying until they answer.
+    Deliver {
+        stream: StreamName,
+        events: Vec<NewEvent>,
+        from: String,
+    },
 }
 
 impl Request {
@@ -132,7 +140,9 @@ impl Request {
             Request::Feed { user, .. } => format!("feed:{user}"),
             Request::PostFeed { target, .. } => format!("feed:{target}"),
             Request::Flags { .. } | Request::SetFlag { .. } => "sys:flags".into(),
-            Request::StreamAppend { stream, .. } | Request::StreamRead { stream, .. } => stream.as_str().into(),
+            Request::StreamAppend { stream, .. }
+            | Request::StreamRead { stream, .. }
+            | Request::Deliver { stream, .. } => stream.as_str().into(),
             Request::Online { .. } => return None,
         })
     }

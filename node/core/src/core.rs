@@ -1,7 +1,7 @@
 //! [`NodeCore`]: sequencing, jobs, waiters, presence and signals. See the crate doc for the
 //! state machine and its invariants.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use store::cursor::SyncCursor;
@@ -29,6 +29,10 @@ pub struct Config {
     pub signals_per_user_max: usize,
     /// Seeds the generator of event ids.
     pub seed: u64,
+    /// With replication, the partition count: then this core sequences only streams of the
+    /// partitions it was told it serves ([`NodeCore::serving`]) and delivers the rest (inbox
+    /// copies) to their primaries through `Output::Forward`. `None`: every stream is local.
+    pub partitions: Option<u32>,
     /// A rule broken on purpose (simulator only).
     #[cfg(feature = "planted-bugs")]
     pub bug: Option<PlantedBug>,
@@ -57,6 +61,7 @@ impl Default for Config {
             signal_ttl_ms: 5_000,
             signals_per_user_max: 16,
             seed: 0x0067_7269_6464_6c65,
+            partitions: None,
             #[cfg(feature = "planted-bugs")]
             bug: None,
         }
@@ -66,6 +71,9 @@ impl Default for Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BatchId(pub u64);
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ForwardId(pub u64);
+
 #[derive(Debug)]
 pub enum Output {
     /// Make this batch durable, in the order these outputs come, then call `persisted`.
@@ -73,6 +81,9 @@ pub enum Output {
     Reply(RequestId, Reply),
     /// Storage failed in a way that may have changed it: stop serving and restart from disk.
     Fatal(StoreError),
+    /// Run this request (a `Deliver`) at its stream's primary, retrying until it succeeds,
+    /// then call `forwarded` with the answer.
+    Forward(ForwardId, Request),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -106,6 +117,8 @@ struct Job {
     /// Per item: the stored event once known.
     slots: Vec<(StreamName, EventId, Option<Event>)>,
     waiting: HashSet<BatchId>,
+    /// Deliveries to other primaries not answered yet.
+    forwards: HashSet<ForwardId>,
     created: bool,
     then: Then,
 }
@@ -161,6 +174,10 @@ pub struct NodeCore {
     presence: HashMap<String, Seen>,
     failed: bool,
     stopping: bool,
+    /// Partitions served here (with `Config::partitions`).
+    served: BTreeSet<u32>,
+    forwards: HashMap<ForwardId, JobId>,
+    next_forward: u64,
 }
 
 type Answer = Result<Option<Reply>, CoreError>;
@@ -216,6 +233,65 @@ impl NodeCore {
             presence: HashMap::new(),
             failed: false,
             stopping: false,
+            served: BTreeSet::new(),
+            forwards: HashMap::new(),
+            next_forward: 0,
+        }
+    }
+
+    /// The replication layer says this node started or stopped serving `part`.
+    pub fn serving(&mut self, part: u32, serving: bool) {
+        if serving {
+            self.served.insert(part);
+        } else {
+            self.served.remove(&part);
+        }
+        let partitions = self.config.partitions.unwrap_or(1);
+        self.forget(|stream| crate::placement::partition_of(stream, partitions) == part);
+    }
+
+    /// The partition of `stream` when partitions are replicated.
+    fn partition(&self, stream: &StreamName) -> Option<u32> {
+        Some(crate::placement::partition_of(stream.as_str(), self.config.partitions?))
+    }
+
+    /// Whether this core sequences `stream` (its partition is served here, or nothing is
+    /// replicated).
+    fn is_local(&self, stream: &StreamName) -> bool {
+        self.partition(stream).is_none_or(|p| self.served.contains(&p))
+    }
+
+    /// The answer to an `Output::Forward`: the delivered events (or, once the node stops, an
+    /// error).
+    pub fn forwarded(&mut self, now_ms: u64, forward: ForwardId, reply: Reply) {
+        let Some(job_id) = self.forwards.remove(&forward) else { return };
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        job.forwards.remove(&forward);
+        match reply {
+            Reply::AppendedAll { events, created } => {
+                job.created |= created;
+                for (stream, id, slot) in &mut job.slots {
+                    if slot.is_none() {
+                        *slot = events.iter().find(|e| e.stream == *stream && e.id == *id).cloned();
+                    }
+                }
+            }
+            other => {
+                // Only a stopping node gives up on a delivery; its request gets the error.
+                let job = self.jobs.remove(&job_id).expect("present");
+                let error = match other {
+                    Reply::Error(error) => error,
+                    _ => CoreError::Unavailable("unexpected answer to a delivery".into()),
+                };
+                if let Some(request) = job_request(&job.then) {
+                    self.reply(request, Reply::Error(error));
+                }
+                return;
+            }
+        }
+        if job.waiting.is_empty() && job.forwards.is_empty() {
+            let job = self.jobs.remove(&job_id).expect("present");
+            self.finish(now_ms, job);
         }
     }
 
@@ -284,6 +360,13 @@ impl NodeCore {
                 self.submit(now_ms, vec![item], Then::ReplyDone(request))
             }
             Request::StreamAppend { stream, events, from } => self.stream_append(now_ms, request, stream, events, from),
+            Request::Deliver { stream, events, from } => {
+                let items = events
+                    .into_iter()
+                    .map(|e| self.item(now_ms, stream.clone(), e.id, &e.kind, &from, e.data))
+                    .collect();
+                self.submit(now_ms, items, Then::ReplyAll(request))
+            }
             Request::StreamRead { stream, after, before, limit, wait_ms } => {
                 let reply = page(&*self.store, &stream, after, before, limit)?;
                 match (&reply, after) {
@@ -329,7 +412,9 @@ impl NodeCore {
 
     fn mark_read(&mut self, now_ms: u64, request: RequestId, user: String, peer: String, version: Version) -> Answer {
         check_peer(&user, &peer)?;
-        let head = self.head(&social::chat_stream(&user, &peer))?;
+        let chat = social::chat_stream(&user, &peer);
+        // The conversation's head is known here only where its partition is served.
+        let head = if self.is_local(&chat) { self.head(&chat)? } else { Version(u64::MAX) };
         if version > head {
             return Err(CoreError::BadRequest(format!("version {version} is above the conversation's head {head}")));
         }
@@ -395,22 +480,42 @@ impl NodeCore {
         }
         self.trim_stream_cache();
         // First every fallible read, so that a storage error leaves nothing half-sequenced.
+        // Items of partitions served elsewhere are delivered there instead (no reads here).
+        let local: Vec<bool> = items.iter().map(|item| self.is_local(&item.stream)).collect();
         let mut found: Vec<Option<Event>> = Vec::with_capacity(items.len());
-        for item in &items {
+        for (item, local) in items.iter().zip(&local) {
+            if !local {
+                found.push(None);
+                continue;
+            }
             self.cache_stream(&item.stream)?;
             let pending = self.streams[&item.stream].pending.contains_key(&item.id);
             found.push(if pending { None } else { self.store.find(&item.stream, item.id).map_err(unavailable)? });
         }
-        let batch_id = BatchId(self.next_batch);
-        let mut job = Job { slots: Vec::with_capacity(items.len()), waiting: HashSet::new(), created: false, then };
-        let mut fresh: Vec<Event> = Vec::new();
-        for (item, stored) in items.into_iter().zip(found) {
+        let mut job = Job {
+            slots: Vec::with_capacity(items.len()),
+            waiting: HashSet::new(),
+            forwards: HashSet::new(),
+            created: false,
+            then,
+        };
+        // New events, one batch per partition (a replicated log takes one partition's).
+        let mut fresh: BTreeMap<Option<u32>, (BatchId, Vec<Event>)> = BTreeMap::new();
+        let mut remote: BTreeMap<(StreamName, String), Vec<NewEvent>> = BTreeMap::new();
+        for ((item, stored), local) in items.into_iter().zip(found).zip(local) {
             let slot = (item.stream.clone(), item.id, None);
             if let Some(earlier) = job.slots.iter().find(|(s, id, _)| *s == item.stream && *id == item.id) {
                 let earlier = earlier.2.clone(); // The same id twice in one request: one event.
                 job.slots.push((item.stream, item.id, earlier));
                 continue;
             }
+            if !local {
+                let event = NewEvent { id: Some(item.id), kind: item.kind, data: item.data };
+                remote.entry((item.stream, item.from)).or_default().push(event);
+                job.slots.push(slot);
+                continue;
+            }
+            let group = self.partition(&item.stream);
             let state = self.streams.get_mut(&item.stream).expect("cached above");
             if let Some(batch) = state.pending.get(&item.id) {
                 job.waiting.insert(*batch); // A retry overtook its first attempt: wait for it.
@@ -421,9 +526,14 @@ impl NodeCore {
                 job.slots.push((item.stream, item.id, Some(stored)));
                 continue;
             }
+            let next_batch = &mut self.next_batch;
+            let (batch_id, events) = fresh.entry(group).or_insert_with(|| {
+                *next_batch += 1;
+                (BatchId(*next_batch - 1), Vec::new())
+            });
             state.assigned = state.assigned.next();
-            state.pending.insert(item.id, batch_id);
-            fresh.push(Event {
+            state.pending.insert(item.id, *batch_id);
+            events.push(Event {
                 id: item.id,
                 stream: item.stream,
                 version: state.assigned,
@@ -436,24 +546,35 @@ impl NodeCore {
         }
         let job_id = JobId(self.next_job);
         self.next_job += 1;
-        if !fresh.is_empty() {
-            self.next_batch += 1;
+        for (batch_id, events) in fresh.into_values() {
             job.created = true;
             job.waiting.insert(batch_id);
             let meta = match &job.then {
                 Then::CopyToInboxes(_) => {
-                    fresh.iter().map(|m| (copy_marker(&m.stream, m.version), Some(Vec::new()))).collect()
+                    events.iter().map(|m| (copy_marker(&m.stream, m.version), Some(Vec::new()))).collect()
                 }
-                Then::Copied { message, .. } => vec![(copy_marker(&message.stream, message.version), None)],
+                // Without replication the marker goes with the copies, atomically; with it, the
+                // copies may live in other partitions, so `finish` removes it afterwards.
+                Then::Copied { message, .. } if self.config.partitions.is_none() => {
+                    vec![(copy_marker(&message.stream, message.version), None)]
+                }
                 _ => Vec::new(),
             };
-            let batch = WriteBatch { events: fresh.clone(), meta };
-            self.batches.insert(batch_id, Batch { events: fresh, jobs: Vec::new() });
+            let batch = WriteBatch { events: events.clone(), meta };
+            self.batches.insert(batch_id, Batch { events, jobs: Vec::new() });
             self.outputs.push_back(Output::Persist(batch_id, batch));
         }
+        for ((stream, from), events) in remote {
+            let forward = ForwardId(self.next_forward);
+            self.next_forward += 1;
+            self.forwards.insert(forward, job_id);
+            job.forwards.insert(forward);
+            self.outputs.push_back(Output::Forward(forward, Request::Deliver { stream, events, from }));
+        }
         #[cfg(feature = "planted-bugs")]
-        if self.config.bug == Some(PlantedBug::AckBeforeSync) && job.waiting.contains(&batch_id) {
-            let fresh = &self.batches[&batch_id].events;
+        if self.config.bug == Some(PlantedBug::AckBeforeSync) && !job.waiting.is_empty() {
+            let fresh: Vec<Event> =
+                job.waiting.iter().filter_map(|b| self.batches.get(b)).flat_map(|b| b.events.clone()).collect();
             for (stream, id, slot) in &mut job.slots {
                 if slot.is_none() {
                     *slot = fresh.iter().find(|e| e.stream == *stream && e.id == *id).cloned();
@@ -466,7 +587,7 @@ impl NodeCore {
         for batch in &job.waiting {
             self.batches.get_mut(batch).expect("pending ids point at batches in flight").jobs.push(job_id);
         }
-        if job.waiting.is_empty() {
+        if job.waiting.is_empty() && job.forwards.is_empty() {
             self.finish(now_ms, job);
         } else {
             self.jobs.insert(job_id, job);
@@ -543,7 +664,7 @@ impl NodeCore {
                 }
             }
             job.waiting.remove(&batch_id);
-            if job.waiting.is_empty() {
+            if job.waiting.is_empty() && job.forwards.is_empty() {
                 let job = self.jobs.remove(&job_id).expect("present");
                 self.finish(now_ms, job);
             }
@@ -567,11 +688,7 @@ impl NodeCore {
         }
         for job_id in batch.jobs {
             let Some(job) = self.jobs.remove(&job_id) else { continue };
-            let request = match job.then {
-                Then::ReplyOne(r) | Then::ReplyAll(r) | Then::ReplyDone(r) | Then::CopyToInboxes(r) => Some(r),
-                Then::Copied { request, .. } => request,
-            };
-            if let Some(request) = request {
+            if let Some(request) = job_request(&job.then) {
                 let error = CoreError::Unavailable("the primary of this stream changed; retry".into());
                 self.reply(request, Reply::Error(error));
             }
@@ -601,10 +718,20 @@ impl NodeCore {
                 let message = events.remove(0);
                 self.copy_to_inboxes(now_ms, Some(request), message, created);
             }
-            Then::Copied { request: Some(request), message, created } => {
-                self.reply(request, Reply::Appended { event: message, created })
+            Then::Copied { request, message, created } => {
+                if self.config.partitions.is_some() {
+                    // The copies are durable (wherever they live): drop the marker.
+                    let marker = copy_marker(&message.stream, message.version);
+                    let batch_id = BatchId(self.next_batch);
+                    self.next_batch += 1;
+                    self.batches.insert(batch_id, Batch { events: Vec::new(), jobs: Vec::new() });
+                    let batch = WriteBatch { events: Vec::new(), meta: vec![(marker, None)] };
+                    self.outputs.push_back(Output::Persist(batch_id, batch));
+                }
+                if let Some(request) = request {
+                    self.reply(request, Reply::Appended { event: message, created });
+                }
             }
-            Then::Copied { request: None, .. } => {}
         }
     }
 
@@ -912,6 +1039,14 @@ impl NodeCore {
             }
             events.iter().for_each(|event| self.flags.apply(event));
         }
+    }
+}
+
+/// The request a job answers, if any.
+fn job_request(then: &Then) -> Option<RequestId> {
+    match then {
+        Then::ReplyOne(r) | Then::ReplyAll(r) | Then::ReplyDone(r) | Then::CopyToInboxes(r) => Some(*r),
+        Then::Copied { request, .. } => *request,
     }
 }
 

@@ -36,6 +36,6 @@ pub mod social;
 
 #[cfg(feature = "planted-bugs")]
 pub use crate::core::PlantedBug;
-pub use crate::core::{page, read_only, BatchId, Config, NodeCore, Output};
+pub use crate::core::{page, read_only, BatchId, Config, ForwardId, NodeCore, Output};
 pub mod placement;
 pub mod repl;
