@@ -115,8 +115,9 @@ pub enum Msg {
         part: Partition,
         epoch: Epoch,
     },
-    /// `established`: the promiser holds a replica set of some partition (it is not a fresh
-    /// or wiped disk).
+    /// `established`: a conf the promiser holds names it with its storage id (it is not a
+    /// fresh or wiped disk). `seen`: every node the promiser ever saw, when it holds no log of
+    /// the partition (a first start needs all of them).
     Promise {
         part: Partition,
         epoch: Epoch,
@@ -124,6 +125,7 @@ pub enum Msg {
         last: LogId,
         commit: u64,
         established: bool,
+        seen: Vec<String>,
     },
     Refuse {
         part: Partition,
@@ -328,6 +330,7 @@ struct Promise {
     storage: u64,
     last: LogId,
     established: bool,
+    seen: Vec<String>,
 }
 
 struct Candidacy {
@@ -872,6 +875,17 @@ impl Replicas {
         self.parts[&part].conf.clone()
     }
 
+    /// Who must say it holds no log before a partition is started afresh: every member of
+    /// the view, every node this disk ever saw, and every node those who answered ever saw
+    /// (a wiped disk, or a view still partial after a restart, knows too few).
+    fn bootstrap_members(&self, part: Partition) -> BTreeSet<String> {
+        let mut members: BTreeSet<String> = self.view.keys().chain(self.seen_nodes.iter()).cloned().collect();
+        if let Some(Role::Candidate(c)) = self.parts.get(&part).map(|p| &p.role) {
+            members.extend(c.promises.values().flat_map(|pr| pr.seen.iter().cloned()));
+        }
+        members
+    }
+
     fn resend_candidacy(&mut self, now_ms: u64, part: Partition) {
         let conf = self.candidacy_conf(part);
         let p = self.parts.get_mut(&part).expect("exists");
@@ -884,7 +898,7 @@ impl Replicas {
         }
         let asked: Vec<String> = c.promises.keys().cloned().collect();
         let targets: Vec<String> = if conf.members.is_empty() {
-            self.view.keys().chain(self.seen_nodes.iter()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
+            self.bootstrap_members(part).into_iter().collect()
         } else {
             conf.voters().map(|m| m.node.clone()).collect()
         };
@@ -902,8 +916,8 @@ impl Replicas {
         }
         match msg {
             Msg::Prepare { part, epoch } => self.on_prepare(now_ms, from, part, epoch),
-            Msg::Promise { part, epoch, storage, last, commit: _, established } => {
-                self.on_promise(now_ms, from, part, epoch, Promise { storage, last, established })
+            Msg::Promise { part, epoch, storage, last, commit: _, established, seen } => {
+                self.on_promise(now_ms, from, part, epoch, Promise { storage, last, established, seen })
             }
             Msg::Refuse { part, promised } => self.on_refuse(now_ms, part, promised),
             Msg::Fetch { part, epoch, from: index } => self.on_fetch(from, part, epoch, index),
@@ -966,6 +980,7 @@ impl Replicas {
             last: p.last.clone(),
             commit: p.commit,
             established: self.established(),
+            seen: if p.conf.members.is_empty() { self.seen_nodes.iter().cloned().collect() } else { Vec::new() },
         }
     }
 
@@ -999,7 +1014,7 @@ impl Replicas {
         let longest = self.bug(BugName::AdoptLongest);
         let wiped_vote = self.bug(BugName::WipedVotes);
         let w = self.config.write_quorum;
-        let members: Vec<String> = self.view.keys().chain(self.seen_nodes.iter()).cloned().collect();
+        let members = self.bootstrap_members(part);
         let established = self.established();
         let p = self.parts.get_mut(&part).expect("exists");
         let Role::Candidate(c) = &p.role else { return };

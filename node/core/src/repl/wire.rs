@@ -249,7 +249,7 @@ fn encode_msg(w: &mut Writer, msg: &Msg) {
             w.u32(*part);
             w.epoch(epoch);
         }
-        Msg::Promise { part, epoch, storage, last, commit, established } => {
+        Msg::Promise { part, epoch, storage, last, commit, established, seen } => {
             w.u8(2);
             w.u32(*part);
             w.epoch(epoch);
@@ -257,6 +257,8 @@ fn encode_msg(w: &mut Writer, msg: &Msg) {
             w.log_id(last);
             w.u64(*commit);
             w.u8(u8::from(*established));
+            w.u32(seen.len() as u32);
+            seen.iter().for_each(|n| w.str(n));
         }
         Msg::Refuse { part, promised } => {
             w.u8(3);
@@ -317,6 +319,10 @@ fn decode_msg(r: &mut Reader<'_>) -> Result<Msg, Malformed> {
             last: r.log_id()?,
             commit: r.u64()?,
             established: r.u8()? == 1,
+            seen: {
+                let count = r.count(4)?;
+                (0..count).map(|_| r.str()).collect::<Result<_, _>>()?
+            },
         },
         3 => Msg::Refuse { part, promised: epoch },
         4 => Msg::Fetch { part, epoch, from: r.u64()? },
