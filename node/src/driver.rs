@@ -393,6 +393,12 @@ impl Driver {
         self.pump(inner);
     }
 
+    /// Partitions served here as primary and partitions whose replica set names this node
+    /// (`None` without replication).
+    pub fn partition_counts(&self) -> Option<(usize, usize)> {
+        self.inner.lock().repl.as_ref().map(|r| r.machine.counts())
+    }
+
     pub fn long_polls_held(&self) -> usize {
         self.inner.lock().core.waiting()
     }

@@ -9,21 +9,26 @@ use web::{ClusterView, MemberView, PartitionView};
 
 use crate::{clock, Config, Driver};
 
-/// Partitions and replicas the cluster is created with (the replication issue makes them live).
-const PARTITIONS: u32 = 1024;
-const REPLICAS: u32 = 3;
-
 pub struct NodeService {
     driver: Arc<Driver>,
     mesh: Arc<Mesh>,
     node_id: String,
     /// Whether this node was told to join others (then it is ready once it has).
     joins: bool,
+    partitions: u32,
+    replicas: u32,
 }
 
 impl NodeService {
     pub fn new(config: &Config, driver: Arc<Driver>, mesh: Arc<Mesh>) -> NodeService {
-        NodeService { driver, mesh, node_id: config.node_id.clone(), joins: !config.join.is_empty() }
+        NodeService {
+            driver,
+            mesh,
+            node_id: config.node_id.clone(),
+            joins: !config.join.is_empty(),
+            partitions: config.partitions,
+            replicas: config.replicas as u32,
+        }
     }
 }
 
@@ -62,11 +67,16 @@ impl web::Backend for NodeService {
         ClusterView {
             node: self.node_id.clone(),
             members,
-            partitions: PartitionView {
-                count: PARTITIONS,
-                replicas: REPLICAS,
-                primary_here: PARTITIONS,
-                replica_here: PARTITIONS,
+            partitions: {
+                // Without replication this node holds every partition itself.
+                let all = self.partitions as usize;
+                let (primary_here, replica_here) = self.driver.partition_counts().unwrap_or((all, all));
+                PartitionView {
+                    count: self.partitions,
+                    replicas: self.replicas,
+                    primary_here: primary_here as u32,
+                    replica_here: replica_here as u32,
+                }
             },
         }
     }

@@ -170,3 +170,133 @@ fn three_nodes_fail_over_within_3_seconds_and_lose_nothing() {
         }
     }
 }
+
+/// The primary of `stream`'s partition among `ids` (all voters, all up).
+fn primary_of(stream: &str, ids: &[String]) -> String {
+    let part = placement::partition_of(stream, placement::PARTITIONS_DEFAULT);
+    placement::rank(part, ids.iter().map(|id| (id.as_str(), 1000)))[0].to_owned()
+}
+
+/// Starts `count` nodes with `--replicas 3` joined through the first two; `extra` per node.
+fn cluster(dir: &std::path::Path, count: usize) -> (Vec<String>, Vec<Node>) {
+    let ids: Vec<String> = (0..count).map(|i| format!("n{i}")).collect();
+    let meshes: Vec<String> = (0..count)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string())
+        .collect();
+    let nodes: Vec<Node> = (0..count)
+        .map(|i| {
+            let join = if i == 0 { &meshes[1] } else { &meshes[0] };
+            let args = ["--node-id", ids[i].as_str(), "--replicas", "3", "--mesh", meshes[i].as_str(), "--join", join];
+            Node::start_with(&dir.join(&ids[i]), &args)
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(15), || nodes.iter().all(|n| alive(n) == count)), "mesh forms");
+    (ids, nodes)
+}
+
+#[test]
+fn a_long_poll_on_one_node_gets_a_message_posted_on_another_within_100_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ids, nodes) = cluster(dir.path(), 3);
+    // Alice waits on `gateway`, Bob posts on `poster`; neither is the primary of what it
+    // touches: the long-poll is forwarded to Alice's inbox primary, the post to the chat's.
+    let (gateway, poster) = (1, 2);
+    let (alice, bob) = (0..)
+        .map(|k| (format!("alice{k}"), format!("bob{k}")))
+        .find(|(a, b)| {
+            let chat = if a < b { format!("chat:{a}:{b}") } else { format!("chat:{b}:{a}") };
+            primary_of(&format!("inbox:{a}"), &ids) != ids[gateway] && primary_of(&chat, &ids) != ids[poster]
+        })
+        .unwrap();
+    let (alice_token, bob_token) = (mint(&alice, 3600, false), mint(&bob, 3600, false));
+    let (status, fresh) = nodes[gateway].get("/v1/sync?timeout=0", Some(&alice_token));
+    assert_eq!(status, 200, "{fresh}");
+    let mut cursor = fresh["cursor"].as_str().unwrap().to_owned();
+    let mut delays = Vec::new();
+    for round in 0..10 {
+        let url = format!("{}/v1/sync?since={cursor}&timeout=10", nodes[gateway].url);
+        let token = alice_token.clone();
+        let poll = std::thread::spawn(move || {
+            let response = ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap();
+            (Instant::now(), response.into_json::<Value>().unwrap())
+        });
+        std::thread::sleep(Duration::from_millis(300)); // The long-poll is held by now.
+        let text = format!("hello {round}");
+        let posted = Instant::now();
+        let (status, body) = nodes[poster].post(
+            &format!("/v1/chats/{alice}/messages"),
+            Some(&bob_token),
+            &format!(r#"{{"text":"{text}"}}"#),
+        );
+        assert_eq!(status, 201, "{body}");
+        let (answered, sync) = poll.join().unwrap();
+        let events = sync["events"].as_array().unwrap();
+        assert!(events.iter().any(|e| e["data"]["text"] == text.as_str()), "round {round}: {sync}");
+        cursor = sync["cursor"].as_str().unwrap().to_owned();
+        delays.push(answered.saturating_duration_since(posted));
+    }
+    delays.sort();
+    println!(
+        "cross-node delivery (post on {}, long-poll on {}): p50 {:?}, max {:?}",
+        ids[poster], ids[gateway], delays[5], delays[9]
+    );
+    assert!(delays[5] < Duration::from_millis(100), "median delivery {:?}", delays[5]);
+}
+
+#[test]
+fn a_sixth_node_joins_under_load_and_takes_over_partitions_losing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ids, mut nodes) = cluster(dir.path(), 5);
+    let token = mint("svc", 3600, true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+    let streams: Vec<String> = (0..24).map(|k| format!("jobs:{k}")).collect();
+    let threads: Vec<_> = (0..16)
+        .map(|w| {
+            let (url, stream) = (nodes[w % nodes.len()].url.clone(), streams[w % streams.len()].clone());
+            let (token, stop, acked) = (token.clone(), stop.clone(), acked.clone());
+            std::thread::spawn(move || writer(url, stream, token, stop, acked))
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || acked.lock().unwrap().len() >= 200), "writes flow");
+    let mesh0 = nodes[0].mesh.clone();
+    ids.push("n5".into());
+    nodes.push(Node::start_with(&dir.path().join("n5"), &["--node-id", "n5", "--replicas", "3", "--join", &mesh0]));
+    // The newcomer becomes primary of the partitions it ranks first for, once caught up.
+    let wanted: Vec<&String> = streams.iter().filter(|s| primary_of(s, &ids) == "n5").collect();
+    assert!(!wanted.is_empty(), "n5 ranks first for some of the streams");
+    let took_over = wait_until(Duration::from_secs(30), || {
+        let (_, cluster) = nodes[5].get("/v1/cluster", None);
+        cluster["partitions"]["primary_here"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(took_over, "n5 serves partitions as primary");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let acked = acked.lock().unwrap();
+    println!("{} appends acknowledged while n5 joined", acked.len());
+    // Every acknowledged event, once, at its version, read through any node.
+    for (i, stream) in streams.iter().enumerate() {
+        let via = &nodes[i % nodes.len()];
+        let (status, page) = via.get(&format!("/v1/streams/{stream}/events?after=0&limit=100"), Some(&token));
+        assert_eq!(status, 200, "{page}");
+        let mut held: HashMap<String, u64> = HashMap::new();
+        let mut after = 0;
+        let mut page = page;
+        loop {
+            let events = page["events"].as_array().unwrap().clone();
+            for event in &events {
+                let again = held.insert(event["id"].as_str().unwrap().to_owned(), event["version"].as_u64().unwrap());
+                assert!(again.is_none(), "{stream}: {} twice", event["id"]);
+                after = event["version"].as_u64().unwrap();
+            }
+            if events.len() < 100 {
+                break;
+            }
+            page = via.get(&format!("/v1/streams/{stream}/events?after={after}&limit=100"), Some(&token)).1;
+        }
+        for (s, id, version, _) in acked.iter().filter(|(s, ..)| s == stream) {
+            assert_eq!(held.get(id), Some(version), "{s}: {id} acknowledged at v{version}");
+        }
+    }
+}

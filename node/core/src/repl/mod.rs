@@ -606,6 +606,14 @@ impl Replicas {
         self.parts.get(&part).map(|p| &p.conf)
     }
 
+    /// How many partitions this node serves as primary, and how many name it in their conf.
+    pub fn counts(&self) -> (usize, usize) {
+        let me = self.config.node.as_str();
+        let serving = self.parts.values().filter(|p| p.serving()).count();
+        let member = self.parts.values().filter(|p| p.conf.member(me).is_some()).count();
+        (serving, member)
+    }
+
     /// Partitions this node holds state for.
     pub fn partitions(&self) -> impl Iterator<Item = Partition> + '_ {
         self.parts.keys().copied()
