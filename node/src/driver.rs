@@ -205,7 +205,46 @@ impl Driver {
     /// Runs one request to its reply, here or at its partition's primary. Dropping the future
     /// cancels a long-poll.
     pub async fn call(self: &Arc<Self>, request: Request) -> Reply {
+        if let (Request::Online { limit }, true) = (&request, self.partition_counts().is_some()) {
+            return self.online_everywhere(*limit).await;
+        }
         self.route(request, true).await
+    }
+
+    /// Who is online, cluster-wide: presence is kept where each user's `sync` runs (their
+    /// inbox's primary), so every member is asked and the answers merged.
+    async fn online_everywhere(self: &Arc<Self>, limit: usize) -> Reply {
+        let request = Request::Online { limit: node_core::api::PAGE_LEN_MAX };
+        let mut users: Vec<String> = Vec::new();
+        if let Reply::Online { users: here, .. } = self.run(request.clone()).await {
+            users.extend(here);
+        }
+        if let Some(mesh) = self.mesh.get() {
+            let others: Vec<String> = mesh
+                .members()
+                .into_iter()
+                .filter(|(m, state)| *state != MemberState::Down && m.id.as_str() != self.node_id)
+                .map(|(m, _)| m.id.to_string())
+                .collect();
+            let mut asks = tokio::task::JoinSet::new();
+            for to in others {
+                let (mesh, request) = (mesh.clone(), request.clone());
+                asks.spawn(async move {
+                    let ask = forward(&mesh, &to, &request);
+                    tokio::time::timeout(Duration::from_secs(2), ask).await.ok().flatten()
+                });
+            }
+            while let Some(answer) = asks.join_next().await {
+                if let Ok(Some(Reply::Online { users: there, .. })) = answer {
+                    users.extend(there);
+                }
+            }
+        }
+        users.sort();
+        users.dedup();
+        let total = users.len();
+        users.truncate(limit);
+        Reply::Online { users, total }
     }
 
     /// Runs a request forwarded by another member: here, or refused.

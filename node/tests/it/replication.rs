@@ -1,4 +1,4 @@
-//! Replicated partitions with real processes: three `griddle serve --replicas 3` on loopback,
+//! Replicated partitions with real processes. Three `griddle serve --replicas 3` on loopback,
 //! 32 writers spread over all of them, `kill -9` of the primary of their partition; writes
 //! succeed again within 3 seconds; after a restart and catch-up, every node's disk holds
 //! every acknowledged event, once, at the version it was acknowledged with.
@@ -241,6 +241,12 @@ fn a_long_poll_on_one_node_gets_a_message_posted_on_another_within_100_ms() {
         ids[poster], ids[gateway], delays[5], delays[9]
     );
     assert!(delays[5] < Duration::from_millis(100), "median delivery {:?}", delays[5]);
+    // Presence is cluster-wide: every node lists Alice, whose syncs ran at her inbox's primary.
+    for node in &nodes {
+        let (status, online) = node.get("/v1/online", Some(&bob_token));
+        assert_eq!(status, 200, "{online}");
+        assert!(online["users"].as_array().unwrap().iter().any(|u| u == alice.as_str()), "{online}");
+    }
 }
 
 #[test]
