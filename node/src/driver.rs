@@ -522,6 +522,7 @@ fn view_of(mesh: &Mesh) -> Vec<repl::View> {
             node: member.id.to_string(),
             weight_milli: u32::from(member.weight_milli),
             down: state == MemberState::Down,
+            incarnation: member.bump,
         })
         .collect()
 }

@@ -190,6 +190,11 @@ impl LogNode {
                         self.outbox.entry(to).or_default().push(msg)
                     }
                     Output::Persist { id, batch } => {
+                        if self.verbose && !batch.events.is_empty() {
+                            let events: Vec<String> =
+                                batch.events.iter().map(|e| format!("{}v{}", e.stream, e.version)).collect();
+                            println!("          {} applies {}", self.name, events.join(" "));
+                        }
                         let completions = self.completions.clone();
                         self.disk.append(batch, Box::new(move |r| completions.lock().unwrap().push((id, r))));
                     }

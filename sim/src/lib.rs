@@ -498,6 +498,7 @@ impl World {
                 node: m.id.to_string(),
                 weight_milli: u32::from(m.weight_milli),
                 down: state == MemberState::Down,
+                incarnation: m.bump,
             })
             .collect();
         if view != node.view {
@@ -592,7 +593,15 @@ impl World {
             }
             let serving: Vec<usize> =
                 (0..self.nodes.len()).filter(|i| self.nodes[*i].log.repl.is_serving(part)).collect();
-            let [primary] = serving[..] else { return Err(format!("p{part} served by {serving:?}")) };
+            let [primary] = serving[..] else {
+                let states: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| format!("\n    n{i} (up {}): {}", n.up, n.log.repl.describe(part)))
+                    .collect();
+                return Err(format!("p{part} served by {serving:?}:{}", states.concat()));
+            };
             let lead = &self.nodes[primary].log;
             let (last, commit, applied) = lead.repl.position(part).expect("serving");
             if commit != last.index || applied != last.index {

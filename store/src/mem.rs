@@ -25,6 +25,9 @@ struct Inner {
     manual: bool,
     holds: usize,
     stats: StoreStats,
+    /// A sync failed: like the RocksDB backend, refuse every later write until the process
+    /// restarts (a crash).
+    failed: bool,
 }
 
 #[derive(Default)]
@@ -132,6 +135,7 @@ impl MemStore {
     pub fn fail_sync(&self, applied: bool) {
         let pending = {
             let mut inner = self.inner.lock();
+            inner.failed = true;
             let pending = std::mem::take(&mut inner.unsynced);
             if applied {
                 for (batch, _) in &pending {
@@ -155,6 +159,7 @@ impl MemStore {
     /// not synced, as a real crash loses it.
     pub fn crash_keeping(&self, kept: usize) {
         let mut inner = self.inner.lock();
+        inner.failed = false;
         let unsynced = std::mem::take(&mut inner.unsynced);
         for (batch, _) in unsynced.into_iter().take(kept) {
             inner.synced.apply(batch);
@@ -171,6 +176,10 @@ impl MemStore {
 
 impl Store for MemStore {
     fn append(&self, batch: WriteBatch, done: Completion) {
+        if self.inner.lock().failed {
+            done(Err(StoreError::Failed("an earlier sync failed; restart from the disk".into())));
+            return;
+        }
         let completions = {
             let mut inner = self.inner.lock();
             inner.stats.appends += 1;

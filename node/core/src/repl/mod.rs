@@ -276,6 +276,8 @@ pub struct View {
     pub weight_milli: u32,
     /// SWIM says down (suspects still count as up).
     pub down: bool,
+    /// Changes when the member restarts (its start time): its disk may be new or wiped.
+    pub incarnation: u64,
 }
 
 #[derive(Debug)]
@@ -586,8 +588,13 @@ impl Replicas {
         };
         let conf: Vec<String> =
             p.conf.members.iter().map(|m| format!("{}{}", m.node, if m.voter { "" } else { "(l)" })).collect();
+        let top = self.top_voter(part, &p.conf).unwrap_or_default();
+        let down: Vec<&String> = self.view.values().filter(|v| v.down).map(|v| &v.node).collect();
+        let top = format!("{top} (down in view: {down:?}, {} in view)", self.view.len());
         format!(
-            "{role}; promised {}.{} last {}@{}.{} synced {} commit {} applied {} conf [{}] retry_at {}",
+            "{role}; top {top} voter {} wanted {} promised {}.{} last {}@{}.{} synced {} commit {} applied {} conf [{}] retry_at {}",
+            p.conf.is_voter(&self.config.node, self.storage),
+            p.wanted,
             p.promised.counter,
             p.promised.node,
             p.last.index,
@@ -621,7 +628,38 @@ impl Replicas {
 
     /// Replaces the membership view (this node included).
     pub fn set_view(&mut self, now_ms: u64, view: Vec<View>) {
-        self.view = view.into_iter().map(|v| (v.node.clone(), v)).collect();
+        // A member listed twice (an old incarnation beside the new) counts as up if any entry
+        // is; this node is always up to itself.
+        let mut merged: BTreeMap<String, View> = BTreeMap::new();
+        for v in view {
+            match merged.get(&v.node) {
+                Some(seen) if !seen.down => {}
+                _ => {
+                    merged.insert(v.node.clone(), v);
+                }
+            }
+        }
+        if let Some(me) = merged.get_mut(&self.config.node) {
+            me.down = false;
+        }
+        let view = merged;
+        let restarted: Vec<String> = view
+            .values()
+            .filter(|v| self.view.get(&v.node).is_some_and(|old| old.incarnation != v.incarnation))
+            .map(|v| v.node.clone())
+            .collect();
+        self.view = view;
+        // A restarted member may have lost its disk, and an idle partition has no primary to
+        // notice: each partition that names it wants a primary again (which re-checks every
+        // member's storage id and re-adds a wiped one). The top voter starts one at once;
+        // the others only if it does not (it may be the restarted one).
+        if !restarted.is_empty() {
+            for p in self.parts.values_mut() {
+                if restarted.iter().any(|n| p.conf.member(n).is_some()) && !p.serving() {
+                    p.wanted = true;
+                }
+            }
+        }
         let new: Vec<String> = self.view.keys().filter(|n| !self.seen_nodes.contains(*n)).cloned().collect();
         if !new.is_empty() {
             let meta = new.iter().map(|n| ([keys::NODES, n.as_bytes()].concat(), Some(Vec::new()))).collect();
