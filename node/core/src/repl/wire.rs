@@ -387,6 +387,7 @@ mod tests {
                 last: last.clone(),
                 commit: 11,
                 established: true,
+                seen: vec!["n1".into(), "n4".into()],
             },
             Msg::Refuse { part: 2, promised: epoch(6, "n1") },
             Msg::Fetch { part: 3, epoch: epoch(5, "n3"), from: 4 },
