@@ -47,13 +47,19 @@ fn token(secret: &str, user: &str, svc: bool) -> String {
 struct Connection {
     stream: TcpStream,
     buffer: Vec<u8>,
+    body_at: usize,
 }
 
 impl Connection {
     async fn open(addr: &str) -> anyhow::Result<Connection> {
         let stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
         stream.set_nodelay(true)?;
-        Ok(Connection { stream, buffer: Vec::with_capacity(16 * 1024) })
+        Ok(Connection { stream, buffer: Vec::with_capacity(16 * 1024), body_at: 0 })
+    }
+
+    /// The body of the last answer.
+    fn body(&self) -> &[u8] {
+        &self.buffer[self.body_at.min(self.buffer.len())..]
     }
 
     /// Sends one request and returns the status.
@@ -73,6 +79,7 @@ impl Connection {
                 while self.buffer.len() < end + 4 + length {
                     self.read_more().await?;
                 }
+                self.body_at = end + 4;
                 return Ok(status);
             }
             self.read_more().await?;
@@ -149,6 +156,10 @@ async fn main() -> anyhow::Result<()> {
                     let status = connection.send(&request).await?;
                     latencies_us.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                     if status >= 300 {
+                        if errors == 0 {
+                            // The first refusal of each client, so a run says why it had any.
+                            eprintln!("{status}: {}", String::from_utf8_lossy(connection.body()));
+                        }
                         errors += 1;
                     }
                     n += 1;
