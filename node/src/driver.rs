@@ -75,6 +75,8 @@ struct Replication {
     tokens: HashMap<u64, BatchId>,
     view: Vec<repl::View>,
     outbox: BTreeMap<String, Vec<Msg>>,
+    /// Read barriers waiting for their heartbeat round.
+    reads: HashMap<u64, oneshot::Sender<bool>>,
 }
 
 impl Driver {
@@ -94,6 +96,7 @@ impl Driver {
             tokens: HashMap::new(),
             view: Vec::new(),
             outbox: BTreeMap::new(),
+            reads: HashMap::new(),
         });
         let driver = Arc::new(Driver {
             inner: Mutex::new(Inner { core, replies: HashMap::new(), next_request: 0, repl }),
@@ -267,7 +270,9 @@ impl Driver {
                 self.pump(inner);
                 (serving, hint)
             };
-            if serving {
+            // A read is served once a heartbeat round confirmed this node still leads the
+            // partition (ReadIndex): a deposed primary never answers from stale data.
+            if serving && (!is_read(&request) || self.read_barrier(part).await) {
                 return self.run(request).await;
             }
             let mesh = self.mesh.get().cloned();
@@ -283,6 +288,20 @@ impl Driver {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits for a read barrier on `part`; false if this node stopped leading it first.
+    async fn read_barrier(&self, part: Partition) -> bool {
+        let rx = {
+            let mut inner = self.inner.lock();
+            let repl = inner.repl.as_mut().expect("only with replication");
+            let Ok(token) = repl.machine.read_barrier(now_ms(), part) else { return false };
+            let (tx, rx) = oneshot::channel();
+            repl.reads.insert(token, tx);
+            self.pump(inner);
+            rx
+        };
+        matches!(tokio::time::timeout(Duration::from_millis(PRIMARY_WAIT_MS), rx).await, Ok(Ok(true)))
     }
 
     /// The replicated partition a request belongs to (`None` when nothing is replicated, or
@@ -360,6 +379,11 @@ impl Driver {
                         repl::Output::Serving { part, serving } => {
                             tracing::debug!(part, serving, "primary");
                             core.serving(part, serving);
+                        }
+                        repl::Output::Read { token, ok } => {
+                            if let Some(tx) = repl.reads.remove(&token) {
+                                let _ = tx.send(ok);
+                            }
                         }
                         repl::Output::Fatal(error) => {
                             tracing::error!(%error, "storage failed; stopping so the node restarts from what is on disk");
@@ -512,6 +536,19 @@ fn batch_partition(batch: &WriteBatch, partitions: u32) -> Option<Partition> {
     let mut parts = streams.map(|s| placement::partition_of(&s, partitions));
     let first = parts.next()?;
     parts.all(|p| p == first).then_some(first)
+}
+
+/// Requests that only read a partition (they need a read barrier where it is replicated).
+fn is_read(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Messages { .. }
+            | Request::Feed { .. }
+            | Request::Chats { .. }
+            | Request::Sync { .. }
+            | Request::Flags { .. }
+            | Request::StreamRead { .. }
+    )
 }
 
 /// The membership as the replication machine sees it.

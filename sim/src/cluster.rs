@@ -56,6 +56,10 @@ pub struct LogNode {
     pub global_ms: u64,
     /// When each proposal in flight was made (global time).
     proposed: HashMap<u64, u64>,
+    /// Reads waiting for their barrier: what each must find (writes acknowledged before it).
+    reads: HashMap<u64, (StreamName, Vec<(EventId, Version)>)>,
+    /// Reads that missed an acknowledged write.
+    pub stale_reads: Vec<String>,
 }
 
 pub enum Submit {
@@ -83,6 +87,8 @@ impl LogNode {
             verbose: false,
             global_ms: 0,
             proposed: HashMap::new(),
+            reads: HashMap::new(),
+            stale_reads: Vec::new(),
         };
         node.drain(now_ms);
         Ok(node)
@@ -170,6 +176,19 @@ impl LogNode {
         }
     }
 
+    /// A reader's read of `stream`, which must show every write in `expect` (acknowledged
+    /// before the read was sent) once its barrier passes.
+    pub fn read(&mut self, now_ms: u64, stream: &StreamName, expect: Vec<(EventId, Version)>) {
+        if self.failed {
+            return;
+        }
+        let part = self.repl.partition_of(stream.as_str());
+        if let Ok(token) = self.repl.read_barrier(now_ms, part) {
+            self.reads.insert(token, (stream.clone(), expect));
+        }
+        self.drain(now_ms);
+    }
+
     /// Runs outputs until there are none: persists go to the disk in order, sends to the
     /// outbox, completions back in.
     fn drain(&mut self, now_ms: u64) {
@@ -226,6 +245,18 @@ impl LogNode {
                         self.forget_partition(part)
                     }
                     Output::Fatal(_) => self.failed = true,
+                    Output::Read { token, ok } => {
+                        let Some((stream, expect)) = self.reads.remove(&token) else { continue };
+                        if !ok {
+                            continue;
+                        }
+                        for (id, version) in expect {
+                            let found = self.disk.find(&stream, id).ok().flatten().map(|e| e.version);
+                            if found != Some(version) {
+                                self.stale_reads.push(format!("{}: {stream} read misses {id} (v{version})", self.name));
+                            }
+                        }
+                    }
                 }
             }
             if !any {
@@ -367,5 +398,7 @@ fn brief(msg: &Msg) -> String {
         }
         Msg::Ack { part, epoch, matched, .. } => format!("p{part} ack {} matched {matched}", e(epoch)),
         Msg::Nack { part, epoch, commit, .. } => format!("p{part} nack {} commit {commit}", e(epoch)),
+        Msg::Heartbeat { part, epoch, round } => format!("p{part} heartbeat {} round {round}", e(epoch)),
+        Msg::HeartbeatAck { part, epoch, round, .. } => format!("p{part} heartbeat-ack {} round {round}", e(epoch)),
     }
 }

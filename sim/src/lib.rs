@@ -56,10 +56,11 @@ pub enum Bug {
     AdoptLongest,
     WipedVotes,
     ServeBeforeCommit,
+    SkipReadIndex,
 }
 
 impl Bug {
-    pub const ALL: [(Bug, &'static str, &'static str); 8] = [
+    pub const ALL: [(Bug, &'static str, &'static str); 9] = [
         (Bug::ForgetReannounce, "forget-reannounce", "the membership watchdog never re-announces once joined"),
         (Bug::AckBeforeSync, "ack-before-sync", "appends are acknowledged before the disk synced them"),
         (Bug::SkipInboxRepair, "skip-inbox-repair", "a restart does not finish inbox copies a crash interrupted"),
@@ -68,6 +69,7 @@ impl Bug {
         (Bug::AdoptLongest, "adopt-longest", "a new primary adopts the longest log, not the highest (epoch, index)"),
         (Bug::WipedVotes, "wiped-votes", "a replica with a wiped disk promises and acknowledges as if intact"),
         (Bug::ServeBeforeCommit, "serve-before-commit", "replicas apply (and so serve) entries before they commit"),
+        (Bug::SkipReadIndex, "skip-read-index", "a primary serves reads without confirming it still leads"),
     ];
 
     pub fn parse(name: &str) -> Option<Bug> {
@@ -227,6 +229,7 @@ impl World {
                 Some(Bug::AdoptLongest) => Some(node_core::repl::ReplBug::AdoptLongest),
                 Some(Bug::WipedVotes) => Some(node_core::repl::ReplBug::WipedVotes),
                 Some(Bug::ServeBeforeCommit) => Some(node_core::repl::ReplBug::ServeBeforeCommit),
+                Some(Bug::SkipReadIndex) => Some(node_core::repl::ReplBug::SkipReadIndex),
                 _ => None,
             },
             ..node_core::repl::Config::new(format!("n{i}"))
@@ -287,6 +290,7 @@ impl World {
         self.restart_due()?;
         self.deliver();
         self.write(faults)?;
+        self.read();
         for i in 0..self.nodes.len() {
             self.run_node(i, faults)?;
         }
@@ -326,6 +330,40 @@ impl World {
         Ok(())
     }
 
+    /// A reader reads a stream with acknowledged writes, through a random node that sends
+    /// it to the primary it believes in; the read must show every write acknowledged before.
+    fn read(&mut self) {
+        if !self.rng.gen_bool(0.3) {
+            return;
+        }
+        let acked: Vec<&cluster::Write> = self.writers.writes.iter().filter(|w| w.acked.is_some()).collect();
+        if acked.is_empty() {
+            return;
+        }
+        let stream = acked[self.rng.gen_range(0..acked.len())].stream.clone();
+        let expect: Vec<(store::EventId, store::Version)> = self
+            .writers
+            .writes
+            .iter()
+            .filter(|w| w.stream == stream)
+            .filter_map(|w| w.acked.map(|v| (w.id, v)))
+            .collect();
+        let mut i = self.rng.gen_range(0..self.nodes.len());
+        if !self.runs(i) {
+            return;
+        }
+        let part = node_core::placement::partition_of(stream.as_str(), cluster::PARTITIONS);
+        if !self.nodes[i].log.repl.is_serving(part) {
+            let hint = self.nodes[i].log.repl.primary_hint(part);
+            match hint.and_then(|h| h.strip_prefix('n').and_then(|n| n.parse::<usize>().ok())) {
+                Some(j) if j < self.nodes.len() && self.runs(j) && !self.net.is_blocked(i, j) => i = j,
+                _ => return,
+            }
+        }
+        let local = self.local_ms(i);
+        self.nodes[i].log.read(local, &stream, expect);
+    }
+
     /// Acknowledgements are checked for durability on W disks; what disks show, against
     /// what every disk ever showed.
     fn check_replicas(&mut self) -> Result<(), Failure> {
@@ -347,6 +385,9 @@ impl World {
                 }
                 self.record(&[version.0, index]);
                 self.writers.ack(&stream, id, version)?;
+            }
+            if let Some(stale) = self.nodes[i].log.stale_reads.first() {
+                return Err(Failure::new("a writer reads its own acknowledged writes from any node", stale.clone()));
             }
             if self.nodes[i].up {
                 self.nodes[i].log.check_visible(&mut self.truth)?;

@@ -150,6 +150,19 @@ pub enum Msg {
         entries: Vec<Entry>,
         commit: u64,
     },
+    /// ReadIndex: "am I still your primary?", one round for every read waiting.
+    Heartbeat {
+        part: Partition,
+        epoch: Epoch,
+        round: u64,
+    },
+    /// The answer: this replica promised nothing above `epoch` (else it sends Refuse).
+    HeartbeatAck {
+        part: Partition,
+        epoch: Epoch,
+        storage: u64,
+        round: u64,
+    },
     Ack {
         part: Partition,
         epoch: Epoch,
@@ -178,6 +191,8 @@ pub enum ReplBug {
     WipedVotes,
     /// Followers apply entries as they arrive, before they are committed.
     ServeBeforeCommit,
+    /// A primary serves reads without confirming it still leads (no ReadIndex round).
+    SkipReadIndex,
 }
 
 #[derive(Clone, Debug)]
@@ -311,6 +326,13 @@ pub enum Output {
     },
     /// Storage failed in a way that may have changed it: stop and restart from disk.
     Fatal(StoreError),
+    /// A read barrier: `ok` once a quorum confirmed this node still leads the partition and
+    /// everything committed before the barrier is applied here (serve the read now); not
+    /// `ok` if it stopped leading first (refuse or forward the read).
+    Read {
+        token: u64,
+        ok: bool,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -364,6 +386,16 @@ struct Primacy {
     serving: bool,
     /// Members whose acks carried a storage id other than the recorded one: wiped.
     wiped: BTreeSet<String>,
+    /// ReadIndex: the round in flight (0: none), who confirmed it, when it was sent, and
+    /// the reads it serves with their read index; reads that came later wait for the next.
+    round: u64,
+    round_acks: BTreeSet<String>,
+    round_sent_ms: u64,
+    round_reads: Vec<(u64, u64)>,
+    next_reads: Vec<u64>,
+    /// Confirmed reads waiting for their read index to be applied.
+    confirmed_reads: Vec<(u64, u64)>,
+    rounds: u64,
 }
 
 enum Role {
@@ -685,6 +717,7 @@ impl Replicas {
                 BugName::AdoptLongest => ReplBug::AdoptLongest,
                 BugName::WipedVotes => ReplBug::WipedVotes,
                 BugName::ServeBeforeCommit => ReplBug::ServeBeforeCommit,
+                BugName::SkipReadIndex => ReplBug::SkipReadIndex,
             };
             self.config.bug == Some(want)
         }
@@ -735,6 +768,94 @@ impl Replicas {
     pub fn activate(&mut self, now_ms: u64, part: Partition) {
         self.parts.entry(part).or_insert_with(Part::new).wanted = true;
         self.maybe_candidate(now_ms, part);
+    }
+
+    /// A read barrier (ReadIndex): `Output::Read` with the returned token says when a read
+    /// of the partition may be served here. Reads share heartbeat rounds.
+    pub fn read_barrier(&mut self, now_ms: u64, part: Partition) -> Result<u64, ProposeError> {
+        if self.failed || !self.parts.get(&part).is_some_and(Part::serving) {
+            self.activate(now_ms, part);
+            return Err(ProposeError::NotServing { primary: self.primary_hint(part) });
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let skip = self.bug(BugName::SkipReadIndex);
+        let p = self.parts.get_mut(&part).expect("serving");
+        let Role::Primary(pr) = &mut p.role else { unreachable!("serving means primary") };
+        if skip {
+            pr.confirmed_reads.push((token, p.commit));
+            self.finish_reads(part);
+            return Ok(token);
+        }
+        pr.next_reads.push(token);
+        if pr.round == 0 {
+            self.start_round(now_ms, part);
+        }
+        Ok(token)
+    }
+
+    /// Sends a heartbeat round for the reads waiting, at the current commit index.
+    fn start_round(&mut self, now_ms: u64, part: Partition) {
+        let p = self.parts.get_mut(&part).expect("exists");
+        let commit = p.commit;
+        let Role::Primary(pr) = &mut p.role else { return };
+        if pr.next_reads.is_empty() {
+            pr.round = 0;
+            return;
+        }
+        pr.rounds += 1;
+        pr.round = pr.rounds;
+        pr.round_acks.clear();
+        pr.round_sent_ms = now_ms;
+        pr.round_reads = pr.next_reads.drain(..).map(|token| (token, commit)).collect();
+        let (epoch, round) = (pr.epoch.clone(), pr.round);
+        let voters: Vec<String> = p.conf.voters().map(|m| m.node.clone()).collect();
+        for to in voters {
+            self.send(&to, Msg::Heartbeat { part, epoch: epoch.clone(), round });
+        }
+        self.check_round(now_ms, part);
+    }
+
+    fn on_heartbeat_ack(&mut self, now_ms: u64, from: &str, part: Partition, epoch: Epoch, storage: u64, round: u64) {
+        let Some(p) = self.parts.get_mut(&part) else { return };
+        let valid = p.conf.is_voter(from, storage);
+        let Role::Primary(pr) = &mut p.role else { return };
+        if pr.epoch != epoch || pr.round != round || !valid {
+            return;
+        }
+        pr.round_acks.insert(from.to_string());
+        self.check_round(now_ms, part);
+    }
+
+    /// A round confirmed by a commit quorum (this node included) releases its reads.
+    fn check_round(&mut self, now_ms: u64, part: Partition) {
+        let me = self.config.node.clone();
+        let w = self.config.write_quorum;
+        let storage = self.storage;
+        let p = self.parts.get_mut(&part).expect("exists");
+        let need = quorum_commit(p.conf.voter_count(), w);
+        let self_counts = usize::from(p.conf.is_voter(&me, storage));
+        let Role::Primary(pr) = &mut p.role else { return };
+        if pr.round == 0 || pr.round_acks.len() + self_counts < need {
+            return;
+        }
+        let reads = std::mem::take(&mut pr.round_reads);
+        pr.confirmed_reads.extend(reads);
+        pr.round = 0;
+        self.finish_reads(part);
+        self.start_round(now_ms, part);
+    }
+
+    /// Confirmed reads whose read index is applied (durably) here may be served.
+    fn finish_reads(&mut self, part: Partition) {
+        let p = self.parts.get_mut(&part).expect("exists");
+        let applied = p.durable_applied;
+        let Role::Primary(pr) = &mut p.role else { return };
+        let (ready, waiting): (Vec<_>, Vec<_>) = pr.confirmed_reads.drain(..).partition(|(_, index)| *index <= applied);
+        pr.confirmed_reads = waiting;
+        for (token, _) in ready {
+            self.outputs.push_back(Output::Read { token, ok: true });
+        }
     }
 
     /// Appends `batch` to the partition's log as this primary; `Committed` with the returned
@@ -834,9 +955,27 @@ impl Replicas {
                         continue;
                     }
                     self.replicate(now_ms, part, true);
+                    self.resend_round(now_ms, part);
                     self.rebalance(now_ms, part);
                 }
             }
+        }
+    }
+
+    /// Sends a heartbeat round again to voters that have not confirmed it.
+    fn resend_round(&mut self, now_ms: u64, part: Partition) {
+        let resend_ms = self.config.resend_ms;
+        let p = self.parts.get_mut(&part).expect("exists");
+        let voters: Vec<String> = p.conf.voters().map(|m| m.node.clone()).collect();
+        let Role::Primary(pr) = &mut p.role else { return };
+        if pr.round == 0 || now_ms.saturating_sub(pr.round_sent_ms) < resend_ms {
+            return;
+        }
+        pr.round_sent_ms = now_ms;
+        let (epoch, round) = (pr.epoch.clone(), pr.round);
+        let missing: Vec<String> = voters.into_iter().filter(|v| !pr.round_acks.contains(v)).collect();
+        for to in missing {
+            self.send(&to, Msg::Heartbeat { part, epoch: epoch.clone(), round });
         }
     }
 
@@ -974,6 +1113,19 @@ impl Replicas {
                 self.on_append(now_ms, from, part, epoch, prev, entries, commit)
             }
             Msg::Ack { part, epoch, storage, matched } => self.on_ack(now_ms, from, part, epoch, storage, matched),
+            Msg::Heartbeat { part, epoch, round } => {
+                let p = self.parts.entry(part).or_insert_with(Part::new);
+                if epoch < p.promised {
+                    let promised = p.promised.clone();
+                    self.send(from, Msg::Refuse { part, promised });
+                } else {
+                    let storage = self.storage;
+                    self.send(from, Msg::HeartbeatAck { part, epoch, storage, round });
+                }
+            }
+            Msg::HeartbeatAck { part, epoch, storage, round } => {
+                self.on_heartbeat_ack(now_ms, from, part, epoch, storage, round)
+            }
             Msg::Nack { part, epoch, storage, commit } => self.on_nack(now_ms, from, part, epoch, storage, commit),
         }
     }
@@ -1154,6 +1306,13 @@ impl Replicas {
             tokens: BTreeMap::new(),
             serving: false,
             wiped: BTreeSet::new(),
+            round: 0,
+            round_acks: BTreeSet::new(),
+            round_sent_ms: 0,
+            round_reads: Vec::new(),
+            next_reads: Vec::new(),
+            confirmed_reads: Vec::new(),
+            rounds: 0,
         });
         self.append_own(part, Entry { epoch, payload: Payload::Conf { conf, start: true } });
         self.replicate(now_ms, part, true);
@@ -1583,6 +1742,7 @@ impl Replicas {
                     p.wanted = false;
                     self.outputs.push_back(Output::Serving { part, serving: true });
                 }
+                self.finish_reads(part);
                 for (token, index) in committed {
                     self.outputs.push_back(Output::Committed { token, part, index });
                 }
@@ -1603,6 +1763,10 @@ impl Replicas {
             }
             for token in pr.tokens.into_values() {
                 self.outputs.push_back(Output::Abandoned { token, part });
+            }
+            let reads = pr.round_reads.iter().chain(&pr.confirmed_reads).map(|(t, _)| *t).chain(pr.next_reads);
+            for token in reads.collect::<Vec<_>>() {
+                self.outputs.push_back(Output::Read { token, ok: false });
             }
         }
     }
@@ -1681,6 +1845,7 @@ enum BugName {
     AdoptLongest,
     WipedVotes,
     ServeBeforeCommit,
+    SkipReadIndex,
 }
 
 #[cfg(test)]

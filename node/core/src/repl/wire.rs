@@ -296,6 +296,19 @@ fn encode_msg(w: &mut Writer, msg: &Msg) {
             w.u64(*storage);
             w.u64(*matched);
         }
+        Msg::Heartbeat { part, epoch, round } => {
+            w.u8(9);
+            w.u32(*part);
+            w.epoch(epoch);
+            w.u64(*round);
+        }
+        Msg::HeartbeatAck { part, epoch, storage, round } => {
+            w.u8(10);
+            w.u32(*part);
+            w.epoch(epoch);
+            w.u64(*storage);
+            w.u64(*round);
+        }
         Msg::Nack { part, epoch, storage, commit } => {
             w.u8(8);
             w.u32(*part);
@@ -340,6 +353,8 @@ fn decode_msg(r: &mut Reader<'_>) -> Result<Msg, Malformed> {
         }
         7 => Msg::Ack { part, epoch, storage: r.u64()?, matched: r.u64()? },
         8 => Msg::Nack { part, epoch, storage: r.u64()?, commit: r.u64()? },
+        9 => Msg::Heartbeat { part, epoch, round: r.u64()? },
+        10 => Msg::HeartbeatAck { part, epoch, storage: r.u64()?, round: r.u64()? },
         _ => return Err(Malformed("message kind")),
     })
 }
@@ -394,6 +409,8 @@ mod tests {
             Msg::Entries { part: 3, epoch: epoch(5, "n3"), from: 4, entries: vec![data_entry(), start.clone()], last },
             Msg::Append { part: 4, epoch: epoch(5, "n3"), prev: LogId::default(), entries: vec![start], commit: 0 },
             Msg::Ack { part: 4, epoch: epoch(5, "n3"), storage: 77, matched: 1 },
+            Msg::Heartbeat { part: 4, epoch: epoch(5, "n3"), round: 9 },
+            Msg::HeartbeatAck { part: 4, epoch: epoch(5, "n3"), storage: 77, round: 9 },
             Msg::Nack { part: 4, epoch: epoch(5, "n3"), storage: 77, commit: 0 },
         ];
         assert_eq!(decode_msgs(&encode_msgs(&msgs)).unwrap(), msgs);
