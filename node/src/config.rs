@@ -40,6 +40,7 @@ pub struct FileConfig {
     pub replicas: Option<usize>,
     pub write_quorum: Option<usize>,
     pub partitions: Option<u32>,
+    pub bootstrap_expect: Option<usize>,
 }
 
 impl FileConfig {
@@ -86,6 +87,9 @@ pub struct Config {
     /// W: replicas that must sync an entry before it commits.
     pub write_quorum: usize,
     pub partitions: u32,
+    /// Nodes a cluster starts with: partitions are first started only once this many know
+    /// each other.
+    pub bootstrap_expect: usize,
 }
 
 /// Values given on the command line or in the environment (clap reads both).
@@ -127,6 +131,10 @@ pub struct Overrides {
     /// Replicas per partition (R); with more than 1, partitions are replicated.
     #[arg(long, env = "GRIDDLE_REPLICAS")]
     pub replicas: Option<usize>,
+    /// Nodes the cluster is created with (default: replicas); partitions start once that many
+    /// know each other.
+    #[arg(long, env = "GRIDDLE_BOOTSTRAP_EXPECT")]
+    pub bootstrap_expect: Option<usize>,
 }
 
 impl Config {
@@ -223,6 +231,7 @@ impl Config {
             replicas,
             write_quorum,
             partitions,
+            bootstrap_expect: flags.bootstrap_expect.or(file.bootstrap_expect).unwrap_or(replicas).max(replicas),
         })
     }
 }

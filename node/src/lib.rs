@@ -69,6 +69,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             partitions: config.partitions,
             replicas: config.replicas,
             write_quorum: config.write_quorum,
+            bootstrap_expect: config.bootstrap_expect,
             seed: clock::seed(),
             ..node_core::repl::Config::new(config.node_id.clone())
         };

@@ -159,6 +159,7 @@ struct World {
     truth: HashMap<(store::StreamName, store::Version), store::EventId>,
     /// Disks wiped so far (at most W - 1 may be: the contract holds only then).
     wipes: usize,
+    nodes_total: usize,
 }
 
 impl World {
@@ -183,6 +184,7 @@ impl World {
             writers: Writers::default(),
             truth: HashMap::new(),
             wipes: 0,
+            nodes_total: count,
         };
         for i in 0..count {
             let drift_ppm = world.rng.gen_range(-20_000..20_000);
@@ -222,6 +224,7 @@ impl World {
         let config = node_core::repl::Config {
             partitions: cluster::PARTITIONS,
             write_quorum: cluster::W,
+            bootstrap_expect: self.nodes_total,
             seed: self.rng.gen(),
             bug: match self.bug {
                 Some(Bug::AckAfterOne) => Some(node_core::repl::ReplBug::AckAfterOne),

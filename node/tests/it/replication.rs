@@ -186,7 +186,19 @@ fn cluster(dir: &std::path::Path, count: usize) -> (Vec<String>, Vec<Node>) {
     let nodes: Vec<Node> = (0..count)
         .map(|i| {
             let join = if i == 0 { &meshes[1] } else { &meshes[0] };
-            let args = ["--node-id", ids[i].as_str(), "--replicas", "3", "--mesh", meshes[i].as_str(), "--join", join];
+            let expect = count.to_string();
+            let args = [
+                "--node-id",
+                ids[i].as_str(),
+                "--replicas",
+                "3",
+                "--bootstrap-expect",
+                expect.as_str(),
+                "--mesh",
+                meshes[i].as_str(),
+                "--join",
+                join,
+            ];
             Node::start_with(&dir.join(&ids[i]), &args)
         })
         .collect();

@@ -214,6 +214,10 @@ pub struct Config {
     pub proposals_max: usize,
     /// Partitions whose candidacy a tick may start (spreads a failover's work).
     pub candidacies_per_tick: usize,
+    /// The cluster's size at creation: a partition is first started only by a candidate that
+    /// knows at least this many nodes (all of which must answer), so two parts of a cluster
+    /// still forming, each with a partial view, cannot both start it.
+    pub bootstrap_expect: usize,
     pub seed: u64,
     #[cfg(feature = "planted-bugs")]
     pub bug: Option<ReplBug>,
@@ -231,6 +235,7 @@ impl Config {
             entries_per_msg: 64,
             proposals_max: 4096,
             candidacies_per_tick: 64,
+            bootstrap_expect: 3,
             seed: 0x7265_706c,
             #[cfg(feature = "planted-bugs")]
             bug: None,
@@ -1247,6 +1252,7 @@ impl Replicas {
             // leaves first starts to them. And a first start needs R members.
             let fresh_among_established = !established && c.promises.values().any(|pr| pr.established);
             members.iter().all(|m| all.iter().any(|(n, _, _)| n == m))
+                && members.len() >= self.config.bootstrap_expect
                 && all.len() >= w.max(self.config.replicas)
                 && !fresh_among_established
         } else {
