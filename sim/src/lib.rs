@@ -612,22 +612,22 @@ impl World {
         }) && self.log_converged().is_ok()
     }
 
+    /// Each node's view of one partition, a line each (for failure reports).
+    fn partition_states(&self, part: u32) -> String {
+        let states = self.nodes.iter().enumerate();
+        states.map(|(i, n)| format!("\n    n{i} (up {}): {}", n.up, n.log.repl.describe(part))).collect()
+    }
+
     /// Every write is acknowledged; every partition started anywhere has one primary, and
     /// each voter of its conf has applied all of its log and holds the same streams.
     fn log_converged(&self) -> Result<(), String> {
         if let Some(w) = self.writers.writes.iter().find(|w| w.acked.is_none()) {
             let part = node_core::placement::partition_of(w.stream.as_str(), cluster::PARTITIONS);
-            let states: Vec<String> = self
-                .nodes
-                .iter()
-                .enumerate()
-                .map(|(i, n)| format!("\n    n{i} (up {}): {}", n.up, n.log.repl.describe(part)))
-                .collect();
             return Err(format!(
                 "{} writes unacknowledged, e.g. to {} (p{part}):{}",
                 self.writers.unacknowledged(),
                 w.stream,
-                states.concat()
+                self.partition_states(part)
             ));
         }
         for part in 0..cluster::PARTITIONS {
@@ -638,13 +638,7 @@ impl World {
             let serving: Vec<usize> =
                 (0..self.nodes.len()).filter(|i| self.nodes[*i].log.repl.is_serving(part)).collect();
             let [primary] = serving[..] else {
-                let states: Vec<String> = self
-                    .nodes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| format!("\n    n{i} (up {}): {}", n.up, n.log.repl.describe(part)))
-                    .collect();
-                return Err(format!("p{part} served by {serving:?}:{}", states.concat()));
+                return Err(format!("p{part} served by {serving:?}:{}", self.partition_states(part)));
             };
             let lead = &self.nodes[primary].log;
             let (last, commit, applied) = lead.repl.position(part).expect("serving");

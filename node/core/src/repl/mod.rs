@@ -177,8 +177,8 @@ pub enum Msg {
     },
 }
 
-/// Rules the simulator can break on purpose, to show its checkers catch them.
-#[cfg(feature = "planted-bugs")]
+/// Rules the simulator can break on purpose, to show its checkers catch them (only with the
+/// `planted-bugs` feature can a config name one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplBug {
     /// Commit once the primary itself synced, without any other replica.
@@ -713,19 +713,9 @@ impl Replicas {
         self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn bug(&self, _bug: BugName) -> bool {
+    fn bug(&self, _bug: ReplBug) -> bool {
         #[cfg(feature = "planted-bugs")]
-        {
-            let want = match _bug {
-                BugName::AckAfterOne => ReplBug::AckAfterOne,
-                BugName::SkipEpochCheck => ReplBug::SkipEpochCheck,
-                BugName::AdoptLongest => ReplBug::AdoptLongest,
-                BugName::WipedVotes => ReplBug::WipedVotes,
-                BugName::ServeBeforeCommit => ReplBug::ServeBeforeCommit,
-                BugName::SkipReadIndex => ReplBug::SkipReadIndex,
-            };
-            self.config.bug == Some(want)
-        }
+        return self.config.bug == Some(_bug);
         #[cfg(not(feature = "planted-bugs"))]
         false
     }
@@ -784,7 +774,7 @@ impl Replicas {
         }
         let token = self.next_token;
         self.next_token += 1;
-        let skip = self.bug(BugName::SkipReadIndex);
+        let skip = self.bug(ReplBug::SkipReadIndex);
         let p = self.parts.get_mut(&part).expect("serving");
         let Role::Primary(pr) = &mut p.role else { unreachable!("serving means primary") };
         if skip {
@@ -1214,8 +1204,8 @@ impl Replicas {
     fn advance_candidacy(&mut self, now_ms: u64, part: Partition) {
         let me = self.config.node.clone();
         let storage = self.storage;
-        let longest = self.bug(BugName::AdoptLongest);
-        let wiped_vote = self.bug(BugName::WipedVotes);
+        let longest = self.bug(ReplBug::AdoptLongest);
+        let wiped_vote = self.bug(ReplBug::WipedVotes);
         let w = self.config.write_quorum;
         let members = self.bootstrap_members(part);
         let established = self.established();
@@ -1457,7 +1447,7 @@ impl Replicas {
         entries: Vec<Entry>,
         commit: u64,
     ) {
-        let skip_check = self.bug(BugName::SkipEpochCheck);
+        let skip_check = self.bug(ReplBug::SkipEpochCheck);
         let p = self.parts.entry(part).or_insert_with(Part::new);
         if epoch < p.promised && !skip_check {
             let promised = p.promised.clone();
@@ -1502,7 +1492,7 @@ impl Replicas {
             let p = self.parts.get_mut(&part).expect("exists");
             p.commit = p.commit.max(commit.min(matched)).min(p.last.index);
         }
-        if self.bug(BugName::ServeBeforeCommit) {
+        if self.bug(ReplBug::ServeBeforeCommit) {
             let p = self.parts.get_mut(&part).expect("exists");
             p.commit = p.commit.max(matched.min(p.last.index));
         }
@@ -1510,7 +1500,7 @@ impl Replicas {
     }
 
     fn on_ack(&mut self, now_ms: u64, from: &str, part: Partition, epoch: Epoch, storage: u64, matched: u64) {
-        let wiped_vote = self.bug(BugName::WipedVotes);
+        let wiped_vote = self.bug(ReplBug::WipedVotes);
         let Some(p) = self.parts.get_mut(&part) else { return };
         let conf = p.conf.clone();
         let Role::Primary(pr) = &mut p.role else { return };
@@ -1598,8 +1588,8 @@ impl Replicas {
     /// voters (with matching storage ids) has synced, then applies.
     fn try_commit(&mut self, part: Partition) {
         let me = self.config.node.clone();
-        let w = if self.bug(BugName::AckAfterOne) { 1 } else { self.config.write_quorum };
-        let wiped_vote = self.bug(BugName::WipedVotes);
+        let w = if self.bug(ReplBug::AckAfterOne) { 1 } else { self.config.write_quorum };
+        let wiped_vote = self.bug(ReplBug::WipedVotes);
         let storage = self.storage;
         let p = self.parts.get_mut(&part).expect("exists");
         let Role::Primary(pr) = &p.role else { return };
@@ -1842,16 +1832,6 @@ impl Replicas {
         self.append_own(part, Entry { epoch, payload: Payload::Conf { conf, start: false } });
         self.replicate(now_ms, part, false);
     }
-}
-
-#[derive(Clone, Copy)]
-enum BugName {
-    AckAfterOne,
-    SkipEpochCheck,
-    AdoptLongest,
-    WipedVotes,
-    ServeBeforeCommit,
-    SkipReadIndex,
 }
 
 #[cfg(test)]
