@@ -258,15 +258,21 @@ impl Driver {
     async fn route(self: &Arc<Self>, request: Request, may_forward: bool) -> Reply {
         let Some(part) = self.partition_of(&request) else { return self.run(request).await };
         let waited = now_ms() + PRIMARY_WAIT_MS;
+        let mut forward_failed = false;
         loop {
             let (serving, hint) = {
                 let mut inner = self.inner.lock();
                 let repl = inner.repl.as_mut().expect("partition_of is Some only when replicating");
                 let serving = repl.machine.is_serving(part);
-                if !serving {
+                let mut hint = repl.machine.primary_hint(part);
+                // Ask for a primary here only when nobody else is known to lead, the one
+                // believed to did not answer, or a gateway sent it here: a gateway that merely
+                // forwards must not start candidacies against a healthy, idle primary.
+                let here = hint.is_none() || hint.as_deref() == Some(self.node_id.as_str());
+                if !serving && (forward_failed || !may_forward || here) {
                     repl.machine.activate(now_ms(), part);
+                    hint = repl.machine.primary_hint(part);
                 }
-                let hint = repl.machine.primary_hint(part);
                 self.pump(inner);
                 (serving, hint)
             };
@@ -281,6 +287,7 @@ impl Driver {
                     if let Some(reply) = forward(&mesh, &hint, &request).await {
                         return reply;
                     }
+                    forward_failed = true;
                 }
             }
             if now_ms() >= waited {

@@ -1114,6 +1114,11 @@ impl Replicas {
                     let promised = p.promised.clone();
                     self.send(from, Msg::Refuse { part, promised });
                 } else {
+                    if epoch == p.promised {
+                        // Its primary is alive: no fallback candidacy needed here.
+                        p.heard_ms = now_ms;
+                        p.wanted = false;
+                    }
                     let storage = self.storage;
                     self.send(from, Msg::HeartbeatAck { part, epoch, storage, round });
                 }
