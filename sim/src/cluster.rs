@@ -388,7 +388,9 @@ fn brief(msg: &Msg) -> String {
         Msg::Promise { part, epoch, last, commit, .. } => {
             format!("p{part} promise {} last {} commit {commit}", e(epoch), l(last))
         }
-        Msg::Refuse { part, promised } => format!("p{part} refuse, promised {}", e(promised)),
+        Msg::Refuse { part, promised, outsider } => {
+            format!("p{part} refuse, promised {}{}", e(promised), if *outsider { ", outsider" } else { "" })
+        }
         Msg::Fetch { part, epoch, from } => format!("p{part} fetch {} from {from}", e(epoch)),
         Msg::Entries { part, epoch, from, entries, last } => {
             format!("p{part} entries {} from {from} n {} last {}", e(epoch), entries.len(), l(last))

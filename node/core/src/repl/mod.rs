@@ -127,9 +127,11 @@ pub enum Msg {
         established: bool,
         seen: Vec<String>,
     },
+    /// `outsider`: the refuser's conf does not name the candidate at all (it was removed).
     Refuse {
         part: Partition,
         promised: Epoch,
+        outsider: bool,
     },
     Fetch {
         part: Partition,
@@ -1099,7 +1101,7 @@ impl Replicas {
             Msg::Promise { part, epoch, storage, last, commit: _, established, seen } => {
                 self.on_promise(now_ms, from, part, epoch, Promise { storage, last, established, seen })
             }
-            Msg::Refuse { part, promised } => self.on_refuse(now_ms, part, promised),
+            Msg::Refuse { part, promised, outsider } => self.on_refuse(now_ms, part, promised, outsider),
             Msg::Fetch { part, epoch, from: index } => self.on_fetch(from, part, epoch, index),
             Msg::Entries { part, epoch, from: index, entries, last } => {
                 self.on_entries(now_ms, from, part, epoch, index, entries, last)
@@ -1112,7 +1114,7 @@ impl Replicas {
                 let p = self.parts.entry(part).or_insert_with(Part::new);
                 if epoch < p.promised {
                     let promised = p.promised.clone();
-                    self.send(from, Msg::Refuse { part, promised });
+                    self.send(from, Msg::Refuse { part, promised, outsider: false });
                 } else {
                     if epoch == p.promised {
                         // Its primary is alive: no fallback candidacy needed here.
@@ -1137,7 +1139,7 @@ impl Replicas {
         let outsider = !p.conf.members.is_empty() && p.conf.member(from).is_none();
         if epoch < p.promised || outsider {
             let promised = p.promised.clone();
-            self.send(from, Msg::Refuse { part, promised });
+            self.send(from, Msg::Refuse { part, promised, outsider });
             return;
         }
         if epoch == p.promised {
@@ -1182,13 +1184,23 @@ impl Replicas {
         }
     }
 
-    fn on_refuse(&mut self, now_ms: u64, part: Partition, promised: Epoch) {
+    fn on_refuse(&mut self, now_ms: u64, part: Partition, promised: Epoch, outsider: bool) {
+        let backoff = self.config.candidacy_ms * 5;
         let Some(p) = self.parts.get_mut(&part) else { return };
         let ours = match &p.role {
             Role::Candidate(c) => c.epoch.clone(),
             Role::Primary(pr) => pr.epoch.clone(),
             Role::Follower => return,
         };
+        if outsider && matches!(p.role, Role::Candidate(_)) {
+            // Our conf is stale: a newer one left us out. Stand back long enough for its
+            // voters to elect a primary and pass the new conf on to those who still hold
+            // ours, after which they refuse us too and we stop disturbing them.
+            self.step_down(part, now_ms);
+            let p = self.parts.get_mut(&part).expect("exists");
+            p.retry_at = now_ms + backoff;
+            return;
+        }
         if promised > ours {
             p.seen = p.seen.max(promised.counter);
             self.step_down(part, now_ms);
@@ -1456,7 +1468,7 @@ impl Replicas {
         let p = self.parts.entry(part).or_insert_with(Part::new);
         if epoch < p.promised && !skip_check {
             let promised = p.promised.clone();
-            self.send(from, Msg::Refuse { part, promised });
+            self.send(from, Msg::Refuse { part, promised, outsider: false });
             return;
         }
         let ours = match &p.role {

@@ -260,10 +260,11 @@ fn encode_msg(w: &mut Writer, msg: &Msg) {
             w.u32(seen.len() as u32);
             seen.iter().for_each(|n| w.str(n));
         }
-        Msg::Refuse { part, promised } => {
+        Msg::Refuse { part, promised, outsider } => {
             w.u8(3);
             w.u32(*part);
             w.epoch(promised);
+            w.u8(u8::from(*outsider));
         }
         Msg::Fetch { part, epoch, from } => {
             w.u8(4);
@@ -337,7 +338,7 @@ fn decode_msg(r: &mut Reader<'_>) -> Result<Msg, Malformed> {
                 (0..count).map(|_| r.str()).collect::<Result<_, _>>()?
             },
         },
-        3 => Msg::Refuse { part, promised: epoch },
+        3 => Msg::Refuse { part, promised: epoch, outsider: r.u8()? == 1 },
         4 => Msg::Fetch { part, epoch, from: r.u64()? },
         5 => {
             let from = r.u64()?;
@@ -404,7 +405,7 @@ mod tests {
                 established: true,
                 seen: vec!["n1".into(), "n4".into()],
             },
-            Msg::Refuse { part: 2, promised: epoch(6, "n1") },
+            Msg::Refuse { part: 2, promised: epoch(6, "n1"), outsider: true },
             Msg::Fetch { part: 3, epoch: epoch(5, "n3"), from: 4 },
             Msg::Entries { part: 3, epoch: epoch(5, "n3"), from: 4, entries: vec![data_entry(), start.clone()], last },
             Msg::Append { part: 4, epoch: epoch(5, "n3"), prev: LogId::default(), entries: vec![start], commit: 0 },
