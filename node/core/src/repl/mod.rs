@@ -992,9 +992,9 @@ impl Replicas {
     /// Whether this node should start a candidacy for `part` now:
     /// - the top live voter of its conf does at once (for a partition never started: the top
     ///   live member, and only when wanted);
-    /// - otherwise a member that was asked for the partition (`wanted`) or holds entries not
-    ///   known committed, and has heard no primary for `rank × candidacy_ms` (rank among the
-    ///   live voters and itself), starts one anyway: confs can differ between nodes (a
+    /// - otherwise a valid voter that was asked for the partition (`wanted`) or holds entries
+    ///   not known committed, and has heard no primary for `rank × candidacy_ms` (rank among
+    ///   the live voters and itself), starts one anyway: confs can differ between nodes (a
     ///   promotion not yet seen, a wiped top voter), and candidacies are always safe.
     fn should_campaign(&self, now_ms: u64, part: Partition) -> bool {
         let me = self.config.node.as_str();
@@ -1017,7 +1017,9 @@ impl Replicas {
         if voter && self.top_voter(part, &p.conf).as_deref() == Some(me) {
             return true;
         }
-        if !(p.wanted || p.last.index > p.commit) || p.conf.member(me).is_none() {
+        // Only a valid voter may: a learner's or a wiped voter's candidacy can never finish
+        // (the adopted conf does not count it), and would only outbid those that can.
+        if !(p.wanted || p.last.index > p.commit) || !voter {
             return false;
         }
         let others = p.conf.voters().filter(|m| m.node != me && self.up(&m.node));
