@@ -698,7 +698,7 @@ impl NodeCore {
     /// This node started or stopped serving partitions through which `in_partition` says a
     /// stream falls: everything cached from those streams (heads, chat lists, flags) is
     /// dropped, because another primary may have moved them meanwhile.
-    pub fn forget(&mut self, in_partition: impl Fn(&str) -> bool) {
+    fn forget(&mut self, in_partition: impl Fn(&str) -> bool) {
         self.streams.retain(|name, state| !state.pending.is_empty() || !in_partition(name.as_str()));
         self.summaries.retain(|user, _| !in_partition(&format!("inbox:{user}")));
         if in_partition("sys:flags") {

@@ -568,10 +568,6 @@ impl Replicas {
         Ok(this)
     }
 
-    pub fn storage_id(&self) -> u64 {
-        self.storage
-    }
-
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
     }
@@ -658,11 +654,6 @@ impl Replicas {
         let serving = self.parts.values().filter(|p| p.serving()).count();
         let member = self.parts.values().filter(|p| p.conf.member(me).is_some()).count();
         (serving, member)
-    }
-
-    /// Partitions this node holds state for.
-    pub fn partitions(&self) -> impl Iterator<Item = Partition> + '_ {
-        self.parts.keys().copied()
     }
 
     /// Replaces the membership view (this node included).
@@ -1053,12 +1044,6 @@ impl Replicas {
         true
     }
 
-    /// The voters whose promises a candidacy needs: those of the conf in the best log seen
-    /// (every live member when no log anywhere has one).
-    fn candidacy_conf(&self, part: Partition) -> Conf {
-        self.parts[&part].conf.clone()
-    }
-
     /// Who must say it holds no log before a partition is started afresh: every member of
     /// the view, every node this disk ever saw, and every node those who answered ever saw
     /// (a wiped disk, or a view still partial after a restart, knows too few).
@@ -1071,7 +1056,7 @@ impl Replicas {
     }
 
     fn resend_candidacy(&mut self, now_ms: u64, part: Partition) {
-        let conf = self.candidacy_conf(part);
+        let conf = self.parts[&part].conf.clone();
         let p = self.parts.get_mut(&part).expect("exists");
         let Role::Candidate(c) = &mut p.role else { return };
         c.sent_ms = now_ms;
