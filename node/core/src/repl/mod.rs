@@ -1552,6 +1552,11 @@ impl Replicas {
 
     /// Sends each member what it lacks: new entries to those in step, and (with `resend`)
     /// everything unacknowledged or a commit update to those quiet for `resend_ms`.
+    ///
+    /// `sent_ms` marks an Append whose answer we wait for (at most one per member). A bare
+    /// commit update to a member that holds everything waits for nothing: it must not hold
+    /// back the next entry until the resend timer (that cost every sequential write on a
+    /// stream 150 ms). Nothing at all is sent to a member with nothing to learn.
     fn replicate(&mut self, now_ms: u64, part: Partition, resend: bool) {
         let resend_ms = self.config.resend_ms;
         let per_msg = self.config.entries_per_msg as u64;
@@ -1568,6 +1573,9 @@ impl Replicas {
                 // Quiet after a send: what was sent may be lost, so go back to what was acked.
                 let from = if quiet && progress.sent_ms != 0 { progress.matched + 1 } else { progress.next };
                 let from = from.min(last + 1);
+                if from > last && progress.matched >= last && progress.told >= commit {
+                    continue;
+                }
                 plan.push((node.clone(), from));
             }
         }
@@ -1582,7 +1590,9 @@ impl Replicas {
             if let Role::Primary(pr) = &mut self.parts.get_mut(&part).expect("exists").role {
                 let progress = pr.progress.get_mut(&node).expect("planned from it");
                 progress.next = from + count;
-                progress.sent_ms = now_ms.max(1);
+                if count > 0 || progress.matched < last {
+                    progress.sent_ms = now_ms.max(1);
+                }
                 progress.told = commit;
             }
         }
