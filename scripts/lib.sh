@@ -31,4 +31,12 @@ ensure_build_deps() {
   need_pkg libclang-dev clang
 }
 
+# Headless Chromium (Debian's) and Node.js for the browser test, and its npm packages
+# (playwright-core, pinned in web/e2e/package-lock.json).
+ensure_browser_deps() {
+  command -v node >/dev/null && command -v npm >/dev/null || need_pkg nodejs npm
+  [ -x /usr/bin/chromium ] || need_pkg chromium
+  (cd web/e2e && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+}
+
 griddle_bin() { echo "$CARGO_TARGET_DIR/release/griddle"; }

@@ -1,9 +1,12 @@
 /*
  * Griddle browser app: login, inbox, conversations, feed, presence and cluster view.
  *
- * Talks to the node that served it (same origin) through the HTTP API of shared/API.md.
+ * Talks to the node that served it through the HTTP API of shared/API.md, and moves to
+ * another member of the cluster (cross-origin, which nodes allow) when that node stops
+ * answering: any node serves any request, and the sync cursor is valid on all of them.
  * One long-poll per tab (`GET /v1/sync`) delivers everything live; the rest are plain
- * requests. The token lives in sessionStorage so two tabs can be two users.
+ * requests. The token of the last sign-in is kept in localStorage, so a new tab opens
+ * signed in, and each tab keeps its own in sessionStorage, so two tabs can be two users.
  * All user-provided text reaches the page through textContent only.
  */
 'use strict';
@@ -49,6 +52,8 @@
     timers: [],
     clusterTimer: 0,
     onlineKey: '',
+    base: '',           // origin of the node this tab talks to ('' = the one that served the page)
+    nodes: [],          // origins of the cluster's other live members, from /v1/cluster
   };
   const chatRows = new Map(); // peer -> <li>
 
@@ -165,16 +170,21 @@
       headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
     }
+    const base = state.base;
     let response;
     try {
-      response = await fetch(path, init);
+      response = await fetch(base + path, init);
     } catch {
+      if (token === state.token) moveOff(base); // not when signing out cancelled the request
       throw new ApiError(0, 'network', 'Cannot reach the server. Retrying…');
     }
     if (response.status === 204) return null;
     const data = await response.json().catch(() => undefined);
     if (response.ok) {
-      if (data === undefined) throw new ApiError(0, 'network', 'The answer was cut off.');
+      if (data === undefined) {
+        moveOff(base);
+        throw new ApiError(0, 'network', 'The answer was cut off.');
+      }
       return data;
     }
     const info = (data && data.error) || {};
@@ -183,6 +193,23 @@
     // Only the current session's token may sign the tab out (not a late answer from the last one).
     if (response.status === 401 && !options.quiet && !options.noAuth && token === state.token) onUnauthorized();
     throw error;
+  }
+
+  /** The node at `base` did not answer: talk to the next live member instead (if we know one). */
+  function moveOff(base) {
+    const nodes = state.nodes;
+    if (base !== state.base || !nodes.some((origin) => origin !== base)) return;
+    state.base = nodes[(nodes.indexOf(base) + 1) % nodes.length];
+    setTimeout(pollCluster, 1000); // refresh the member list (and "this tab talks to") from the new node
+  }
+
+  /** `http_addr` of a member as an origin the page can fetch (a wildcard bind means our host). */
+  function originOf(httpAddr) {
+    const match = /^(.*):(\d+)$/.exec(httpAddr || '');
+    if (!match) return null;
+    let host = match[1];
+    if (host === '0.0.0.0' || host === '[::]' || host === '::') host = location.hostname;
+    return `${location.protocol}//${host}:${match[2]}`;
   }
 
   const isTransient = (err) => [0, 429, 502, 503, 504].includes(err.status);
@@ -285,6 +312,8 @@
       session.setItem(TOKEN_KEY, token);
       session.removeItem(SKIP_SHARED_KEY);
     }
+    const shared = storage('local');
+    if (shared) shared.setItem(TOKEN_KEY, token);
     resetState();
     state.session += 1;
     state.token = token;
@@ -387,7 +416,10 @@
     if (!answer || typeof answer.cursor !== 'string') {
       throw new ApiError(0, 'bad_answer', 'Unexpected answer from the server.');
     }
-    if (answer.feed || answer.chats) applySnapshot(answer);
+    if (answer.feed || answer.chats) {
+      applySnapshot(answer);
+      pollOnline();
+    }
     for (const item of answer.events || []) applyItem(item);
     if (answer.unread) applyUnread(answer.unread);
     state.cursor = answer.cursor;
@@ -454,6 +486,8 @@
 
   function onTyping(from) {
     if (!from || from === state.me) return;
+    // Someone new starts writing to us: their conversation shows up now, marked "typing…".
+    if (!state.chats.has(from)) state.chats.set(from, { peer: from, last: null, unread: 0, since: Date.now() });
     clearTimeout(state.typing.get(from));
     state.typing.set(from, setTimeout(() => clearTyping(from), TYPING_SHOW_MS));
     renderTyping();
@@ -464,6 +498,8 @@
     if (!state.typing.has(peer)) return;
     clearTimeout(state.typing.get(peer));
     state.typing.delete(peer);
+    const chat = state.chats.get(peer);
+    if (chat && !chat.last && !(state.conv && state.conv.peer === peer)) state.chats.delete(peer); // they never wrote
     renderTyping();
     renderChats();
   }
@@ -502,7 +538,7 @@
   }
 
   function byRecent(a, b) {
-    const time = (chat) => (chat.last ? chat.last.time || 0 : 0);
+    const time = (chat) => (chat.last ? chat.last.time || 0 : chat.since || 0);
     return time(b) - time(a) || a.peer.localeCompare(b.peer);
   }
 
@@ -736,6 +772,7 @@
     if ([...text].length > TEXT_LEN_MAX) return setStatus(`Messages can be at most ${TEXT_LEN_MAX} characters.`);
     input.value = '';
     autosize();
+    state.lastTypingSent = 0; // the peer's "typing" ended with this message: the next key starts a new one
     const id = ulid();
     const node = messageNode({ id, from: state.me, time: Date.now(), data: { text } });
     node.classList.add('pending');
@@ -841,7 +878,7 @@
   // ---------------------------------------------------------------- presence, cluster, flags
 
   function startPolling() {
-    pollOnline();
+    // The online list is first asked for after the first sync answer, which counts us in.
     pollCluster();
     state.timers.push(setInterval(pollOnline, ONLINE_EVERY_MS));
     state.clusterTimer = setInterval(pollCluster, CLUSTER_EVERY_MS);
@@ -886,6 +923,13 @@
   }
 
   function renderCluster(info) {
+    const here = location.origin;
+    state.nodes = (info.members || [])
+      .filter((member) => member.state === 'alive')
+      .map((member) => originOf(member.http_addr))
+      .filter(Boolean)
+      .map((origin) => (origin === here ? '' : origin));
+    if (!state.nodes.includes(state.base)) state.nodes.push(state.base);
     $('#cluster-panel').hidden = false;
     $('#cluster-node').textContent = `This tab talks to ${info.node}`;
     $('#cluster-members').replaceChildren(...(info.members || []).map((member) =>
@@ -903,6 +947,7 @@
   function applyFlags(flags) {
     state.flags = flags && typeof flags === 'object' ? flags : {};
     const entries = Object.entries(state.flags).sort(([a], [b]) => a.localeCompare(b));
+    $('#flags-title').hidden = entries.length === 0;
     $('#flags').replaceChildren(...entries.map(([name, on]) =>
       el('li', { class: on ? 'on' : 'off', 'data-flag': name }, el('code', { text: name }), on ? ' on' : ' off')));
   }
