@@ -48,7 +48,7 @@ impl Default for WebConfig {
             ops_allow: vec![AllowNet::parse("127.0.0.0/8").expect("valid"), AllowNet::parse("::1/128").expect("valid")],
             body_bytes_max: 64 * 1024,
             header_bytes_max: 16 * 1024,
-            connections_max: 18_000,
+            connections_max: 19_500,
             header_read_timeout: Duration::from_secs(10),
         }
     }

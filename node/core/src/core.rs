@@ -53,7 +53,7 @@ impl Default for Config {
         Config {
             cursor_key: b"griddle-dev-cursor-key".to_vec(),
             generation: 1,
-            waiters_max: 16_000,
+            waiters_max: 19_000,
             batches_in_flight_max: 4096,
             streams_cached_max: 200_000,
             summaries_cached_max: 100_000,
