@@ -29,6 +29,8 @@
   const ONLINE_EVERY_MS = 15000;
   const CLUSTER_EVERY_MS = 10000;
   const TOAST_MS = 5000;
+  const REQUEST_TIMEOUT_MS = 15000; // every call but the sync long-poll, which has its own deadline
+  const MOVE_AFTER_FAILURES = 2;     // network failures in a row before the tab moves to another node
   const TOASTS_MAX = 4;
   const CROCKFORD = '0123456789ABCDEFGHJKMNPQRSTVWXYZ';
   const narrowScreen = window.matchMedia('(max-width: 699px)');
@@ -53,7 +55,9 @@
     clusterTimer: 0,
     onlineKey: '',
     base: '',           // origin of the node this tab talks to ('' = the one that served the page)
-    nodes: [],          // origins of the cluster's other live members, from /v1/cluster
+    nodes: [],          // origins of the cluster's live members, from /v1/cluster
+    baseFailures: 0,    // network failures in a row on `base`
+    sending: Promise.resolve(), // messages go out one after another, so they are stored in order
   };
   const chatRows = new Map(); // peer -> <li>
 
@@ -165,7 +169,9 @@
     const token = state.token;
     const headers = {};
     if (!options.noAuth) headers.Authorization = `Bearer ${token}`;
-    const init = { method, headers, signal: options.signal, cache: 'no-store' };
+    const timeout = AbortSignal.timeout(REQUEST_TIMEOUT_MS);
+    const signal = options.signal || timeout; // sync passes its own (longer) deadline
+    const init = { method, headers, signal, cache: 'no-store' };
     if (body !== undefined) {
       headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
@@ -175,16 +181,16 @@
     try {
       response = await fetch(base + path, init);
     } catch {
-      if (token === state.token) moveOff(base); // not when signing out cancelled the request
+      if (token === state.token) unreachable(base); // not when signing out cancelled the request
       throw new ApiError(0, 'network', 'Cannot reach the server. Retrying…');
     }
-    if (response.status === 204) return null;
-    const data = await response.json().catch(() => undefined);
+    const data = response.status === 204 ? null : await response.json().catch(() => undefined);
     if (response.ok) {
       if (data === undefined) {
-        moveOff(base);
+        if (token === state.token) unreachable(base);
         throw new ApiError(0, 'network', 'The answer was cut off.');
       }
+      if (base === state.base) state.baseFailures = 0;
       return data;
     }
     const info = (data && data.error) || {};
@@ -195,11 +201,17 @@
     throw error;
   }
 
-  /** The node at `base` did not answer: talk to the next live member instead (if we know one). */
-  function moveOff(base) {
-    const nodes = state.nodes;
-    if (base !== state.base || !nodes.some((origin) => origin !== base)) return;
-    state.base = nodes[(nodes.indexOf(base) + 1) % nodes.length];
+  /**
+   * The node at `base` did not answer. After a few failures in a row, talk to another live
+   * member instead (one picked at random, so the tabs of a dead node spread out), if we know one.
+   */
+  function unreachable(base) {
+    if (base !== state.base) return; // another request already moved the tab
+    state.baseFailures += 1;
+    const others = state.nodes.filter((origin) => origin !== base);
+    if (state.baseFailures < MOVE_AFTER_FAILURES || !others.length) return;
+    state.base = others[Math.floor(Math.random() * others.length)];
+    state.baseFailures = 0;
     setTimeout(pollCluster, 1000); // refresh the member list (and "this tab talks to") from the new node
   }
 
@@ -336,6 +348,8 @@
   }
 
   function endSession(message) {
+    const shared = storage('local');
+    if (shared && shared.getItem(TOKEN_KEY) === state.token) shared.removeItem(TOKEN_KEY); // new tabs too
     const session = storage('session');
     if (session) {
       session.removeItem(TOKEN_KEY);
@@ -441,7 +455,7 @@
   function applyItem(item) {
     switch (item.type) {
       case 'chat.message': return onChatMessage(item);
-      case 'chat.typing': return onTyping(item.from);
+      case 'chat.typing': return onTyping(item.from, item.time);
       case 'chat.read': return onRead(item.peer, item.version);
       case 'flags': return applyFlags(item.flags);
       default:
@@ -484,10 +498,11 @@
 
   // ---------------------------------------------------------------- typing
 
-  function onTyping(from) {
+  function onTyping(from, time) {
     if (!from || from === state.me) return;
-    // Someone new starts writing to us: their conversation shows up now, marked "typing…".
-    if (!state.chats.has(from)) state.chats.set(from, { peer: from, last: null, unread: 0, since: Date.now() });
+    // Someone new starts writing to us: their conversation shows up now, marked "typing…"
+    // (placed by the server's time, like the others).
+    if (!state.chats.has(from)) state.chats.set(from, { peer: from, last: null, unread: 0, since: time || 0 });
     clearTimeout(state.typing.get(from));
     state.typing.set(from, setTimeout(() => clearTyping(from), TYPING_SHOW_MS));
     renderTyping();
@@ -626,6 +641,8 @@
       if (focus) $('#message-input').focus();
       return markRead();
     }
+    const left = state.conv && state.chats.get(state.conv.peer);
+    if (left && !left.last && !state.typing.has(left.peer)) state.chats.delete(left.peer); // never written to
     state.conv = newConv(peer);
     state.lastTypingSent = 0;
     const session = storage('session');
@@ -780,7 +797,10 @@
     conv.pending.set(id, node);
     $('#messages').append(node);
     scrollToBottom();
-    deliver(conv.peer, id, text);
+    // One after another: each waits for the one before (and its retries), so a burst typed
+    // during a failover is stored in the order it was written.
+    const peer = conv.peer;
+    state.sending = state.sending.then(() => deliver(peer, id, text));
   }
 
   async function deliver(peer, id, text) {
@@ -911,9 +931,10 @@
 
   async function pollCluster() {
     const session = state.session;
+    const base = state.base;
     try {
       const info = await api('GET', '/v1/cluster', undefined, { quiet: true });
-      if (session === state.session) renderCluster(info);
+      if (session === state.session && base === state.base) renderCluster(info); // not a late answer of a node we left
     } catch (err) {
       if (session !== state.session || ![401, 403, 404].includes(err.status)) return;
       // Not allowed from here: hide the panel and stop asking.

@@ -127,8 +127,18 @@ async function openChat(page, peer) {
   await page.locator('#convo').waitFor({ state: 'visible' });
 }
 
-/** Waits until `read()` (run in the page) returns something truthy; returns it and the time it took. */
-async function until(page, read, arg, timeoutMs, what) {
+/**
+ * Waits until `read()` (run in the page) returns something truthy; returns it and the time it
+ * took. Marked handled at once, so a wait started ahead of other steps cannot crash the run
+ * (and leave processes behind) if it fails before it is awaited.
+ */
+function until(page, read, arg, timeoutMs, what) {
+  const waiting = untilInner(page, read, arg, timeoutMs, what);
+  waiting.catch(() => {});
+  return waiting;
+}
+
+async function untilInner(page, read, arg, timeoutMs, what) {
   const begin = Date.now();
   try {
     const handle = await page.waitForFunction(read, arg, { timeout: timeoutMs, polling: 20 });
@@ -203,6 +213,8 @@ async function story(nodes, browser) {
   log(`alice saw "typing" ${(await typingSeen).ms} ms after bob started typing`);
 
   // bob sends: alice's badge rises, the chat list shows the message, a notification pops up.
+  const toastShown = alice.locator('.toast', { hasText: 'Hi alice' }).waitFor({ timeout: LIVE_MS + 2000 });
+  toastShown.catch(() => {});
   await byTestId(bob, 'message-send').click();
   const badge = await until(alice, () => Number(document.querySelector('[data-testid="unread-total"]').textContent) === 1,
     undefined, LIVE_MS, 'alice\'s unread badge rises to 1');
@@ -211,7 +223,7 @@ async function story(nodes, browser) {
     const row = document.querySelector('[data-testid="chat-item"][data-peer="bob"]');
     return row && row.textContent.includes('Hi alice') && !/typing/.test(row.textContent);
   }, undefined, LIVE_MS, 'alice\'s chat list shows bob\'s message, no longer typing');
-  await alice.locator('.toast', { hasText: 'Hi alice' }).waitFor({ timeout: LIVE_MS });
+  await toastShown; // the notification (it lives 5 s)
   await shot(alice, 'chats-unread');
 
   // A second tab of alice's (same browser, so already signed in) shows the same count.
@@ -238,12 +250,14 @@ async function story(nodes, browser) {
     return node && !node.hidden && node.textContent.includes('bob is typing');
   }, undefined, TYPING_MS + 2000, 'alice sees "bob is typing…" in the conversation');
   await byTestId(bob, 'message-input').pressSequentially('How are', { delay: 30 });
+  const stoppedAt = Date.now();
   log(`"bob is typing…" shown ${(await typingOn).ms} ms after he started`);
   await shot(alice, 'conversation-typing');
-  const typingOff = await until(alice, () => document.querySelector('[data-testid="typing"]').hidden,
+  await until(alice, () => document.querySelector('[data-testid="typing"]').hidden,
     undefined, 10000, '"is typing…" goes away after bob stops');
-  log(`"is typing…" gone ${typingOff.ms} ms after bob stopped`);
-  assert.ok(typingOff.ms >= 1000, 'the typing signal lasts a moment after the last key');
+  const gone = Date.now() - stoppedAt;
+  log(`"is typing…" gone ${gone} ms after bob stopped`);
+  assert.ok(gone >= 1000, 'the typing signal lasts a moment after the last key');
   await byTestId(bob, 'message-input').fill('');
 
   // alice answers; bob gets it live in his open conversation.
@@ -255,11 +269,13 @@ async function story(nodes, browser) {
   // alice flirts: it goes straight into bob's feed.
   await byTestId(alice, 'flirt-button').click();
   await bob.locator('[data-testid="feed-item"]', { hasText: 'alice flirted with you' }).waitFor({ timeout: LIVE_MS });
-  await byTestId(bob, 'online-user').first().waitFor({ timeout: 20000 });
-  const online = await bob.$$eval('[data-testid="online-user"]', (nodes) => nodes.map((node) => node.dataset.user));
-  assert.ok(online.includes('alice') && online.includes('bob'), `bob sees alice and himself online: ${online}`);
-  await byTestId(bob, 'cluster-member').first().waitFor({ timeout: 15000 });
-  assert.equal(await byTestId(bob, 'cluster-member').count(), 3, 'bob\'s cluster view lists three members');
+  // The online list refreshes every 15 s; alice's presence lives on her node, asked by bob's.
+  await until(bob, () => {
+    const users = [...document.querySelectorAll('[data-testid="online-user"]')].map((node) => node.dataset.user);
+    return users.includes('alice') && users.includes('bob');
+  }, undefined, 20000, 'bob sees alice and himself online');
+  await until(bob, () => document.querySelectorAll('[data-testid="cluster-member"][data-state="alive"]').length === 3,
+    undefined, 15000, 'bob\'s cluster view lists three live members');
   await shot(bob, 'feed-and-online');
   assert.deepEqual(await accessibilityProblems(bob), [], 'app with a conversation open: no serious accessibility problems');
 
