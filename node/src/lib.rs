@@ -47,6 +47,7 @@ pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
         cors_origins: config.cors_origins.clone(),
         ops_allow,
         connections_max: config.connections_max,
+        requests_in_flight_max: config.requests_in_flight_max,
         ..Default::default()
     })
 }

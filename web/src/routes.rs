@@ -87,6 +87,8 @@ fn json(status: u16, value: &Value) -> Answer {
 pub struct Call<'a, B> {
     pub backend: &'a B,
     pub config: &'a WebConfig,
+    /// Calls in flight on this node (long-polls aside); none free means 429 at once.
+    pub calls: &'a tokio::sync::Semaphore,
     pub peer: IpAddr,
     pub method: Method,
     pub query: HashMap<String, String>,
@@ -113,6 +115,15 @@ impl<B: Backend> Call<'_, B> {
             route => {
                 let claims = self.claims()?;
                 let request = self.request(route, &claims)?;
+                // Past the cap, refuse at once rather than queue: a queue only adds latency
+                // to every call behind it, and the client's retry (after Retry-After) may
+                // land on a node with room.
+                let _permit = if request.holds() {
+                    None
+                } else {
+                    let permit = self.calls.try_acquire();
+                    Some(permit.map_err(|_| ApiError::overloaded("too many requests in flight on this node"))?)
+                };
                 let reply = self.backend.call(request).await;
                 answer(reply)
             }

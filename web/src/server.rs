@@ -36,6 +36,8 @@ pub struct WebConfig {
     pub body_bytes_max: usize,
     pub header_bytes_max: usize,
     pub connections_max: usize,
+    /// API calls answered at once (long-polls aside); more get 429 at once.
+    pub requests_in_flight_max: usize,
     pub header_read_timeout: Duration,
 }
 
@@ -49,6 +51,7 @@ impl Default for WebConfig {
             body_bytes_max: 64 * 1024,
             header_bytes_max: 16 * 1024,
             connections_max: 19_500,
+            requests_in_flight_max: 256,
             header_read_timeout: Duration::from_secs(10),
         }
     }
@@ -108,6 +111,7 @@ pub async fn run<B: Backend>(
 ) {
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.connections_max));
+    let calls = Arc::new(Semaphore::new(config.requests_in_flight_max.max(1)));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -127,12 +131,12 @@ pub async fn run<B: Backend>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (backend, config) = (backend.clone(), config.clone());
+        let (backend, config, calls) = (backend.clone(), config.clone(), calls.clone());
         let (header_read_timeout, header_bytes_max) = (config.header_read_timeout, config.header_bytes_max);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let (backend, config) = (backend.clone(), config.clone());
-                async move { Ok::<_, Infallible>(handle(&*backend, &config, peer, request).await) }
+                let (backend, config, calls) = (backend.clone(), config.clone(), calls.clone());
+                async move { Ok::<_, Infallible>(handle(&*backend, &config, &calls, peer, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -148,6 +152,7 @@ pub async fn run<B: Backend>(
 async fn handle<B: Backend>(
     backend: &B,
     config: &WebConfig,
+    calls: &Semaphore,
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -157,7 +162,7 @@ async fn handle<B: Backend>(
         .and_then(|o| o.to_str().ok())
         .filter(|o| allowed_origin(config, o))
         .map(str::to_owned);
-    let mut response = match respond(backend, config, peer, request).await {
+    let mut response = match respond(backend, config, calls, peer, request).await {
         Ok(response) => response,
         Err(error) => error_response(&error),
     };
@@ -173,6 +178,7 @@ async fn handle<B: Backend>(
 async fn respond<B: Backend>(
     backend: &B,
     config: &WebConfig,
+    calls: &Semaphore,
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -188,7 +194,8 @@ async fn respond<B: Backend>(
     let query = routes::parse_query(request.uri().query())?;
     let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = read_body(config, request).await?;
-    let call = Call { backend, config, peer: peer.ip(), method, query, authorization: authorization.as_deref(), body };
+    let call =
+        Call { backend, config, calls, peer: peer.ip(), method, query, authorization: authorization.as_deref(), body };
     Ok(match call.run(route).await? {
         Answer::Json(status, body) => with_type(status, "application/json", Bytes::from(body)),
         Answer::Text(kind, body) => with_type(200, kind, Bytes::from(body)),
@@ -292,6 +299,67 @@ mod tests {
         check("http://localhost.evil.com:80", false);
         check("http://10.0.0.1:80", false);
         check("file://", false);
+    }
+
+    /// Answers `/v1/online` only when released, so calls pile up in flight.
+    struct Held {
+        release: tokio::sync::Semaphore,
+        entered: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Backend for Held {
+        async fn call(&self, _request: node_core::api::Request) -> node_core::api::Reply {
+            self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _released = self.release.acquire().await.expect("never closed");
+            node_core::api::Reply::Online { users: Vec::new(), total: 0 }
+        }
+        fn now_ms(&self) -> u64 {
+            1_000_000
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+        fn cluster(&self) -> crate::ClusterView {
+            unreachable!("not asked")
+        }
+        fn metrics(&self) -> String {
+            String::new()
+        }
+    }
+
+    async fn get(addr: SocketAddr, token: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("GET /v1/online HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_in_flight_cap_are_refused_at_once_with_retry_after() {
+        let secret = b"a-test-secret-of-enough-bytes".to_vec();
+        let config = WebConfig { jwt_secret: secret.clone(), requests_in_flight_max: 2, ..WebConfig::default() };
+        let token = crate::auth::mint(&secret, &crate::auth::Claims { sub: "alice".into(), exp: 2_000, svc: false });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = Arc::new(Held { release: tokio::sync::Semaphore::new(0), entered: Default::default() });
+        tokio::spawn(run(listener, backend.clone(), config, std::future::pending()));
+
+        let held: Vec<_> = (0..2).map(|_| tokio::spawn(get(addr, token.clone()))).collect();
+        while backend.entered.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let refused = get(addr, token.clone()).await;
+        assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+        assert!(refused.to_ascii_lowercase().contains("retry-after: 1"), "{refused}");
+        assert!(refused.contains("overloaded"), "{refused}");
+        backend.release.add_permits(2);
+        for call in held {
+            assert!(call.await.unwrap().starts_with("HTTP/1.1 200"));
+        }
     }
 
     #[test]

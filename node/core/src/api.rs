@@ -123,6 +123,16 @@ pub enum Request {
 }
 
 impl Request {
+    /// A long-poll: it may wait for data to arrive (a `sync` from a cursor, a stream read
+    /// with `wait`). Those are capped by the long-polls a node holds, not as calls in flight.
+    pub fn holds(&self) -> bool {
+        match self {
+            Request::Sync { since, timeout_ms, .. } => since.is_some() && *timeout_ms > 0,
+            Request::StreamRead { wait_ms, .. } => *wait_ms > 0,
+            _ => false,
+        }
+    }
+
     /// The stream whose partition's primary serves this request (so its partition decides
     /// where a gateway forwards it); `None` for what any node answers itself.
     ///
