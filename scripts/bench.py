@@ -336,13 +336,15 @@ http {{
         text = done.stdout + done.stderr
         if done.returncode != 0:
             raise RuntimeError("the failover test failed:\n" + text[-3000:])
-        found = re.search(r"failover over (\d+) kill\(s\): p50 ([\d.]+)(m?s), p99 ([\d.]+)(m?s), max ([\d.]+)(m?s)", text)
+        # Rust's Debug of a Duration: 1.79s, 850.2ms, 163.9µs, 12ns.
+        unit = r"([\d.]+)(s|ms|µs|us|ns)"
+        found = re.search(rf"failover over (\d+) kill\(s\): p50 {unit}, p99 {unit}, max {unit}", text)
         acked = re.search(r"(\d+) appends acknowledged", text)
         if not found:
             raise RuntimeError("no failover figures in the test's output:\n" + text[-3000:])
 
         def secs(value, unit):
-            return round(float(value) / (1000 if unit == "ms" else 1), 3)
+            return round(float(value) / {"s": 1, "ms": 1e3, "µs": 1e6, "us": 1e6, "ns": 1e9}[unit], 3)
 
         figures = {"kills": int(found.group(1)), "p50_s": secs(found.group(2), found.group(3)),
                    "p99_s": secs(found.group(4), found.group(5)), "max_s": secs(found.group(6), found.group(7)),
