@@ -79,14 +79,17 @@ class Processes:
 
     def start(self, name, argv, **kwargs):
         out = open(os.path.join(self.work, f"{name}.log"), "ab")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+        # Its own process group, so stopping it stops its children too (nginx's workers).
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
         self.running.append(proc)
         return proc
 
     def stop_all(self):
         for proc in self.running:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for proc in self.running:
             proc.wait()
         self.running = []
@@ -284,11 +287,9 @@ http {{
             procs.start("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)])
             wait_tcp(nats_port)
             # Idle long-polls on the other two nodes, held for the whole scenario.
-            holders = []
             for node in (nodes[0], nodes[2]):
-                holders.append(subprocess.Popen(
-                    [LOAD, "--scenario", "hold", "--addr", node["addr"], "--count", str(idle), "--keep-seconds", "3600"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                procs.start(f"idle-{node['name']}", [LOAD, "--scenario", "hold", "--addr", node["addr"],
+                                                     "--count", str(idle), "--keep-seconds", "3600"])
             seconds = max(self.seconds, 3)
 
             def griddle():
@@ -301,9 +302,6 @@ http {{
                              "--rate", rate, "--idle", idle, "--subscribers", 100, "--seconds", seconds])
 
             rounds = self.interleave({"griddle": griddle, "nats": nats})
-            for h in holders:
-                h.kill()
-                h.wait()
             summary = {t: {"p50_ms": median((r["latency"] or {}).get("p50_ms") for r in rs),
                            "p99_ms": median(p99(r) for r in rs),
                            "delivered": median(r["delivered"] for r in rs),
