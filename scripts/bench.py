@@ -286,15 +286,16 @@ http {{
             nats_port = free_port()
             procs.start("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)])
             wait_tcp(nats_port)
-            # Idle long-polls on the other two nodes, held for the whole scenario.
-            for node in (nodes[0], nodes[2]):
+            # Idle long-polls on every node, held for the whole scenario by processes of their own
+            # (opened once: a node frees a long-poll whose client left only when its wait ends).
+            for node in nodes:
                 procs.start(f"idle-{node['name']}", [LOAD, "--scenario", "hold", "--addr", node["addr"],
                                                      "--count", str(idle), "--keep-seconds", "3600"])
             seconds = max(self.seconds, 3)
 
             def griddle():
                 return load(["--scenario", "fanout", "--target", "griddle", "--addr", nodes[0]["addr"],
-                             "--sub-addr", nodes[1]["addr"], "--rate", rate, "--idle", idle, "--subscribers", 100,
+                             "--sub-addr", nodes[1]["addr"], "--rate", rate, "--subscribers", 100,
                              "--connections", 4, "--seconds", seconds])
 
             def nats():
