@@ -556,6 +556,9 @@ def write_docs(run, rows, svgs, path_json):
               "## Reproduce", "", "```sh", "scripts/bench            # about 15 minutes; rewrites this file",
               "scripts/bench --quick    # a few seconds per scenario, to check it all runs (scripts/test does)",
               "scripts/bench --only read,append --rounds 5", "```", ""]
+    analysis = os.path.join(REPO, "docs", "bench", "analysis.md")  # hand-written, kept across runs
+    if os.path.exists(analysis):
+        lines += ["", open(analysis).read()]
     with open(os.path.join(REPO, "docs", "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines))
 
