@@ -299,6 +299,19 @@ struct Totals {
     last_done: Option<Instant>,
 }
 
+impl Totals {
+    fn new() -> Totals {
+        Totals {
+            ok: histogram(),
+            refused: histogram(),
+            errors: 0,
+            statuses: Default::default(),
+            sent: 0,
+            last_done: None,
+        }
+    }
+}
+
 /// Runs the open-loop (or, with rate 0, closed-loop) schedule on every connection.
 async fn request_answer(args: &Args) -> anyhow::Result<serde_json::Value> {
     let work = Arc::new(Work {
@@ -327,14 +340,7 @@ async fn request_answer(args: &Args) -> anyhow::Result<serde_json::Value> {
         .map(|(c, mut client)| {
             let work = work.clone();
             tokio::spawn(async move {
-                let mut totals = Totals {
-                    ok: histogram(),
-                    refused: histogram(),
-                    errors: 0,
-                    statuses: Default::default(),
-                    sent: 0,
-                    last_done: None,
-                };
+                let mut totals = Totals::new();
                 // Spread the connections' schedules over one interval.
                 let offset = per_connection.map(|p| p.mul_f64(c as f64 / work.args.connections as f64));
                 let mut due = start + offset.unwrap_or_default();
@@ -380,14 +386,7 @@ async fn request_answer(args: &Args) -> anyhow::Result<serde_json::Value> {
             })
         })
         .collect();
-    let mut all = Totals {
-        ok: histogram(),
-        refused: histogram(),
-        errors: 0,
-        statuses: Default::default(),
-        sent: 0,
-        last_done: None,
-    };
+    let mut all = Totals::new();
     for task in tasks {
         let t = task.await?;
         all.ok.add(&t.ok)?;
