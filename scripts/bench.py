@@ -144,6 +144,13 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def dig(value, *path):
+    """value[path[0]][path[1]]..., or None where a level is missing."""
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def p99(figures):
     return (figures.get("latency") or {}).get("p99_ms")
 
@@ -396,10 +403,7 @@ def goals(r):
     rows = []
 
     def get(*path):
-        value = r
-        for key in path:
-            value = (value or {}).get(key) if isinstance(value, dict) else None
-        return value
+        return dig(r, *path)
 
     def ratio(a, b):
         return round(a / b, 2) if a and b else None
@@ -477,10 +481,7 @@ def charts(r):
     out = {}
 
     def m(*path):
-        value = r
-        for key in path:
-            value = (value or {}).get(key) if isinstance(value, dict) else None
-        return value
+        return dig(r, *path)
 
     if m("read", "median"):
         out["read"] = bar_chart("Feed page read (20 events)", [
