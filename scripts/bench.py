@@ -344,7 +344,7 @@ http {{
             raise RuntimeError("the failover test failed:\n" + text[-3000:])
         # Rust's Debug of a Duration: 1.79s, 850.2ms, 163.9µs, 12ns.
         unit = r"([\d.]+)(s|ms|µs|us|ns)"
-        found = re.search(rf"failover over (\d+) kill\(s\): p50 {unit}, p99 {unit}, max {unit}", text)
+        found = re.search(rf"failover over (\d+) stop\(s\) \(Kill\): p50 {unit}, p99 {unit}, max {unit}", text)
         acked = re.search(r"(\d+) appends acknowledged", text)
         if not found:
             raise RuntimeError("no failover figures in the test's output:\n" + text[-3000:])

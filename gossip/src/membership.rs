@@ -283,6 +283,21 @@ impl Membership {
         missing
     }
 
+    /// Changes this node's placement weight, live: the identity is renewed with the new
+    /// weight (a higher `bump`, so it replaces the old one everywhere, as a restart would)
+    /// and gossiped at once.
+    pub fn set_weight(&mut self, now_ms: u64, weight_milli: u16) {
+        let old = self.identity().clone();
+        if old.weight_milli == weight_milli {
+            return;
+        }
+        let renewed = Identity { weight_milli, bump: old.bump + 1, ..old };
+        if let Err(error) = self.foca.change_identity(renewed, &mut self.runtime) {
+            tracing::warn!(%error, "changing the weight");
+        }
+        self.collect(now_ms);
+    }
+
     /// Leaves the mesh on purpose: tells the members, then stops answering.
     pub fn leave(&mut self, now_ms: u64) {
         let notice = wire::frame(Kind::Leave, self.identity().id.as_str().as_bytes());

@@ -20,7 +20,7 @@
 //! loss), packets waiting for a connection (`PENDING_LEN_MAX` per peer), stream packets
 //! (`STREAM_BYTES_MAX`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,10 +87,42 @@ pub struct Mesh {
     view: Arc<parking_lot::Mutex<Vec<(Identity, MemberState)>>>,
     events: broadcast::Sender<MemberEvent>,
     local_addr: SocketAddr,
+    links: Links,
+}
+
+/// Every mesh connection, either way, for [`Mesh::link_stats`].
+#[derive(Clone, Default)]
+struct Links(Arc<parking_lot::Mutex<LinkBook>>);
+
+#[derive(Default)]
+struct LinkBook {
+    open: Vec<(NodeId, Connection)>,
+    /// Bytes sent and received on connections that have closed, by peer.
+    closed: HashMap<NodeId, (u64, u64)>,
+}
+
+impl Links {
+    fn add(&self, peer: &NodeId, connection: &Connection) {
+        self.0.lock().open.push((peer.clone(), connection.clone()));
+    }
+}
+
+/// One peer's QUIC links as seen from here: every connection either way, summed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkStats {
+    pub peer: NodeId,
+    /// Connections open now.
+    pub connections: usize,
+    /// The smallest round-trip estimate of the open connections.
+    pub rtt: Option<Duration>,
+    /// UDP payload bytes, over every connection this process ever had with the peer.
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
 }
 
 enum Command {
     Leave(oneshot::Sender<()>),
+    SetWeight(u16),
 }
 
 /// What the reader tasks and connect tasks tell the driver.
@@ -113,7 +145,8 @@ impl Mesh {
         let view = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (events, _) = broadcast::channel(1024);
-        tokio::spawn(accept(endpoint.clone(), incoming_tx.clone(), config.handler.clone()));
+        let links = Links::default();
+        tokio::spawn(accept(endpoint.clone(), incoming_tx.clone(), config.handler.clone(), links.clone()));
         let membership = Membership::new(config.identity, config.seeds, config.profile, config.seed, (config.clock)());
         let driver = Driver {
             membership,
@@ -125,9 +158,19 @@ impl Mesh {
             view: view.clone(),
             active: active.clone(),
             events: events.clone(),
+            links: links.clone(),
         };
         tokio::spawn(driver.run(incoming_rx, command_rx));
-        Ok(Mesh { commands, endpoint, request_connections: Default::default(), active, view, events, local_addr })
+        Ok(Mesh {
+            commands,
+            endpoint,
+            request_connections: Default::default(),
+            active,
+            view,
+            events,
+            local_addr,
+            links,
+        })
     }
 
     /// The address the endpoint is bound to.
@@ -178,7 +221,53 @@ impl Mesh {
             return Err(failed(format!("the node at {addr} is not {to}")));
         }
         connections.insert(to.clone(), connection.clone());
+        self.links.add(to, &connection);
         Ok(connection)
+    }
+
+    /// Bytes and round-trip times per peer, over every mesh connection either way.
+    pub fn link_stats(&self) -> Vec<LinkStats> {
+        let mut book = self.links.0.lock();
+        let LinkBook { open, closed } = &mut *book;
+        open.retain(|(peer, connection)| {
+            if connection.close_reason().is_none() {
+                return true;
+            }
+            let stats = connection.stats();
+            let total = closed.entry(peer.clone()).or_default();
+            total.0 += stats.udp_tx.bytes;
+            total.1 += stats.udp_rx.bytes;
+            false
+        });
+        let mut by_peer: BTreeMap<NodeId, LinkStats> = closed
+            .iter()
+            .map(|(peer, (sent, received))| {
+                let stats = LinkStats {
+                    peer: peer.clone(),
+                    connections: 0,
+                    rtt: None,
+                    sent_bytes: *sent,
+                    received_bytes: *received,
+                };
+                (peer.clone(), stats)
+            })
+            .collect();
+        for (peer, connection) in open.iter() {
+            let link = by_peer.entry(peer.clone()).or_insert_with(|| LinkStats {
+                peer: peer.clone(),
+                connections: 0,
+                rtt: None,
+                sent_bytes: 0,
+                received_bytes: 0,
+            });
+            let stats = connection.stats();
+            link.connections += 1;
+            link.sent_bytes += stats.udp_tx.bytes;
+            link.received_bytes += stats.udp_rx.bytes;
+            let rtt = connection.rtt();
+            link.rtt = Some(link.rtt.map_or(rtt, |r| r.min(rtt)));
+        }
+        by_peer.into_values().collect()
     }
 
     /// Closes the request connection to `to` (a member seen down): requests waiting on it
@@ -187,6 +276,11 @@ impl Mesh {
         if let Some(connection) = self.request_connections.lock().await.remove(to) {
             connection.close(0u32.into(), b"member down");
         }
+    }
+
+    /// Sets this node's placement weight (thousandths), gossiped at once.
+    pub async fn set_weight(&self, weight_milli: u16) {
+        let _ = self.commands.send(Command::SetWeight(weight_milli)).await;
     }
 
     /// Tells the mesh we are leaving, and waits briefly for that to be sent.
@@ -231,14 +325,17 @@ fn peer_id(connection: &Connection) -> Option<NodeId> {
     tls::node_id_of(chain.first()?)
 }
 
-async fn accept(endpoint: Endpoint, incoming: mpsc::Sender<Incoming>, handler: Option<Handler>) {
+async fn accept(endpoint: Endpoint, incoming: mpsc::Sender<Incoming>, handler: Option<Handler>, links: Links) {
     while let Some(connecting) = endpoint.accept().await {
-        let (incoming, handler) = (incoming.clone(), handler.clone());
+        let (incoming, handler, links) = (incoming.clone(), handler.clone(), links.clone());
         tokio::spawn(async move {
             let remote = connecting.remote_address();
             match connecting.await {
                 Ok(connection) => match peer_id(&connection) {
-                    Some(peer) => read(connection, peer, incoming, handler).await,
+                    Some(peer) => {
+                        links.add(&peer, &connection);
+                        read(connection, peer, incoming, handler).await
+                    }
                     None => tracing::warn!(%remote, "refused a mesh peer whose certificate names no node id"),
                 },
                 Err(error) => {
@@ -304,6 +401,7 @@ struct Driver {
     view: Arc<parking_lot::Mutex<Vec<(Identity, MemberState)>>>,
     active: Arc<std::sync::atomic::AtomicBool>,
     events: broadcast::Sender<MemberEvent>,
+    links: Links,
 }
 
 impl Driver {
@@ -325,6 +423,9 @@ impl Driver {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         let _ = done.send(());
                     }
+                    Some(Command::SetWeight(weight_milli)) => {
+                        self.membership.set_weight((self.clock)(), weight_milli);
+                    }
                     None => return,
                 },
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => self.membership.tick((self.clock)()),
@@ -343,6 +444,7 @@ impl Driver {
                 }
             }
             Incoming::Connected(addr, connection, peer) => {
+                self.links.add(&peer, &connection);
                 tokio::spawn(read(connection.clone(), peer.clone(), self.incoming_tx.clone(), self.handler.clone()));
                 let previous = self.peers.insert(addr, Peer::Connected(connection, peer));
                 if let Some(Peer::Connected(old, _)) = &previous {

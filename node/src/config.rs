@@ -42,6 +42,7 @@ pub struct FileConfig {
     pub write_quorum: Option<usize>,
     pub partitions: Option<u32>,
     pub bootstrap_expect: Option<usize>,
+    pub weight: Option<f64>,
 }
 
 impl FileConfig {
@@ -92,6 +93,9 @@ pub struct Config {
     /// Nodes a cluster starts with: partitions are first started only once this many know
     /// each other.
     pub bootstrap_expect: usize,
+    /// Placement weight in thousandths (1000: a full share of partitions; 0: none). Raised
+    /// live with `griddle weight`, so a new node can ramp up.
+    pub weight_milli: u16,
 }
 
 /// Values given on the command line or in the environment (clap reads both).
@@ -137,6 +141,9 @@ pub struct Overrides {
     /// know each other.
     #[arg(long, env = "GRIDDLE_BOOTSTRAP_EXPECT")]
     pub bootstrap_expect: Option<usize>,
+    /// Placement weight 0..1 to start with (default 1); raise it live with `griddle weight`.
+    #[arg(long, env = "GRIDDLE_WEIGHT")]
+    pub weight: Option<f64>,
 }
 
 impl Config {
@@ -206,7 +213,12 @@ impl Config {
         if !(1..=65_536).contains(&partitions) {
             bail!("partitions must be 1..=65536");
         }
+        let weight = flags.weight.or(file.weight).unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&weight) {
+            bail!("weight must be 0..1 (got {weight})");
+        }
         Ok(Config {
+            weight_milli: (weight * 1000.0).round() as u16,
             data_dir: flags
                 .data_dir
                 .clone()

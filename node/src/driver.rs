@@ -26,7 +26,7 @@ use node_core::placement::{self, Partition};
 use node_core::repl::{self, Msg, Replicas};
 use node_core::{BatchId, NodeCore, Output};
 use parking_lot::{Mutex, MutexGuard};
-use store::{Store, StoreError, WriteBatch};
+use store::{Store, StoreError, Version, WriteBatch};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::clock::now_ms;
@@ -43,6 +43,9 @@ enum Completed {
     Core(BatchId, Result<(), StoreError>),
     Repl(u64, Result<(), StoreError>),
 }
+
+/// How long one long-poll of `sys:flags` (by [`Driver::follow_flags`]) waits.
+const FLAGS_POLL_MS: u64 = 25_000;
 
 pub struct Driver {
     inner: Mutex<Inner>,
@@ -463,6 +466,62 @@ impl Driver {
         self.pump(inner);
     }
 
+    /// With replication: keeps this node's flags current by long-polling `sys:flags` at its
+    /// primary, and wakes the syncs held here when a flag changes. A flag set anywhere
+    /// reaches every node (and every open tab) within one round trip.
+    pub fn follow_flags(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(driver) = weak.upgrade() else { return };
+                if driver.is_stopped() {
+                    return;
+                }
+                let after = match driver.inner.lock().core.flags_version() {
+                    Ok(version) => version,
+                    Err(_) => Version(0),
+                };
+                let read = Request::StreamRead {
+                    stream: node_core::social::flags_stream(),
+                    after: Some(after),
+                    before: None,
+                    limit: node_core::api::PAGE_LEN_MAX,
+                    wait_ms: FLAGS_POLL_MS,
+                };
+                match driver.route(read, true).await {
+                    Reply::Page { events, .. } => {
+                        if !events.is_empty() {
+                            let mut inner = driver.inner.lock();
+                            inner.core.learn_flags(now_ms(), &events);
+                            driver.pump(inner);
+                        }
+                    }
+                    _ => {
+                        drop(driver);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// After [`Driver::stop`]: waits until every request in flight here is answered (its
+    /// append committed or abandoned), or until `deadline` passes. Returns how many remain.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let left = self.inner.lock().replies.len();
+            if left == 0 || tokio::time::Instant::now() >= until {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
     /// Partitions served here as primary and partitions whose replica set names this node
     /// (`None` without replication).
     pub fn partition_counts(&self) -> Option<(usize, usize)> {
@@ -471,6 +530,16 @@ impl Driver {
 
     pub fn long_polls_held(&self) -> usize {
         self.inner.lock().core.waiting()
+    }
+
+    /// Users with a `sync` held here, and streams with a long-poll held here.
+    pub fn subscriptions(&self) -> (usize, usize) {
+        self.inner.lock().core.subscriptions()
+    }
+
+    /// Replication lag of each partition led here (`None` without replication).
+    pub fn replication_lags(&self) -> Option<Vec<(node_core::placement::Partition, u64)>> {
+        self.inner.lock().repl.as_ref().map(|r| r.machine.lags())
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -5,6 +5,8 @@ pub mod clock;
 pub mod config;
 mod driver;
 pub mod mesh;
+mod metrics;
+pub mod ops;
 mod service;
 
 use std::future::Future;
@@ -18,6 +20,23 @@ use tokio::net::TcpListener;
 pub use config::{Config, Overrides, StoreKind};
 pub use driver::Driver;
 pub use service::NodeService;
+
+/// How long a graceful stop may take before the node exits anyway.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Stops taking requests, answers held long-polls with their cursors (browsers resume on
+/// another node), lets appends in flight commit, then leaves the mesh: the members see the
+/// leave at once, so the next voter of each partition led here takes it over without
+/// waiting for failure detection.
+async fn graceful_stop(driver: &Driver, mesh: &gossip::quic::Mesh) {
+    let started = tokio::time::Instant::now();
+    driver.stop();
+    let unanswered = driver.drain(Duration::from_secs(3)).await;
+    mesh.leave().await;
+    // Let the answered long-polls reach their clients before the process goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tracing::info!(unanswered, millis = started.elapsed().as_millis() as u64, "stopped gracefully");
+}
 
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.store {
@@ -94,19 +113,23 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     });
     let mesh = Arc::new(mesh::start(&config, http_addr, Some(handler)).await?);
     driver.attach_mesh(mesh.clone());
+    if config.replicas > 1 {
+        driver.follow_flags();
+    }
     // Tests and scripts read this line to learn the bound ports.
     println!("griddle {} listening on http://{http_addr}/ mesh {}", config.node_id, mesh.local_addr());
-    let service = Arc::new(NodeService::new(&config, driver.clone(), mesh.clone()));
     let web_config = web_config(&config)?;
+    let service = Arc::new(NodeService::new(&config, driver.clone(), mesh.clone(), &web_config.metrics));
     let fatal = async { driver.fatal.notified().await };
     let failed = tokio::select! {
         _ = web::run(listener, service, web_config, shutdown) => false,
         _ = fatal => true,
     };
-    driver.stop();
-    mesh.leave().await;
-    // Let the answered long-polls reach their clients before the process goes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The whole stop is bounded, so an orchestrator's kill timeout is never reached.
+    let stopping = graceful_stop(&driver, &mesh);
+    if tokio::time::timeout(STOP_DEADLINE, stopping).await.is_err() {
+        tracing::warn!(deadline = ?STOP_DEADLINE, "graceful stop took too long; exiting anyway");
+    }
     if failed {
         anyhow::bail!("storage failed");
     }

@@ -36,6 +36,80 @@ enum Command {
     /// Cluster certificates: the CA, and node certificates signed by it.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Show the cluster: members, states, weights, partitions and replication lag per node.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cluster-wide feature flags (A/B buckets by user id).
+    #[command(subcommand)]
+    Flags(FlagsCommand),
+    /// Take a consistent checkpoint of a running node's store into a new directory on its
+    /// machine.
+    Backup {
+        #[command(flatten)]
+        target: Target,
+        /// Directory to create (absolute, or relative to here; on the node's machine).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Start a node from a backup: copy it into the (new, empty) data directory, then serve.
+    Restore {
+        /// The directory `griddle backup` wrote.
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Set a running node's placement weight (0..1), live: raise it step by step to ramp a
+    /// new node up; partitions move to it as its weight grows.
+    Weight {
+        #[command(flatten)]
+        target: Target,
+        weight: f64,
+    },
+}
+
+/// Which node a command talks to, and the config whose secret signs its service token.
+#[derive(clap::Args)]
+struct Target {
+    /// The node's HTTP address.
+    #[arg(long = "http", default_value = "127.0.0.1:7700")]
+    addr: String,
+    /// The node's TOML configuration file (for its jwt_secret).
+    #[arg(long, env = "GRIDDLE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The node runs with --dev (the development secret).
+    #[arg(long)]
+    dev: bool,
+}
+
+impl Target {
+    /// The config, when one can be resolved (a secret is set or `--dev`).
+    fn config(&self) -> Option<Config> {
+        self.config_or_fail().ok()
+    }
+
+    fn config_or_fail(&self) -> anyhow::Result<Config> {
+        let overrides = Overrides { config: self.config.clone(), dev: self.dev, ..Default::default() };
+        Config::resolve(&overrides).context("this command signs a service token: give --config (or --dev)")
+    }
+}
+
+#[derive(Subcommand)]
+enum FlagsCommand {
+    /// Set a flag for PERCENT of users (0 turns it off for all, 100 on for all).
+    Set {
+        #[command(flatten)]
+        target: Target,
+        name: String,
+        percent: u8,
+    },
+    /// The flags as the service sees them.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,6 +148,42 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Status { target } => {
+            print!("{}", node::ops::status(&target.addr, target.config().as_ref())?);
+            Ok(())
+        }
+        Command::Flags(FlagsCommand::Set { target, name, percent }) => {
+            if percent > 100 {
+                bail!("PERCENT is 0..100");
+            }
+            node::ops::set_flag(&target.addr, &target.config_or_fail()?, &name, percent)?;
+            println!("flag {name} set to {percent} %; it reaches every node and open tab within seconds");
+            Ok(())
+        }
+        Command::Flags(FlagsCommand::List { target }) => {
+            let client = node::ops::Client::new(&target.addr, Some(&target.config_or_fail()?));
+            println!("{}", serde_json::to_string_pretty(&client.get("/v1/flags")?)?);
+            Ok(())
+        }
+        Command::Backup { target, out } => {
+            let done = node::ops::backup(&target.addr, &target.config_or_fail()?, &out)?;
+            println!("backup of {} in {} ({} bytes, {} ms)", target.addr, done["dir"], done["bytes"], done["millis"]);
+            Ok(())
+        }
+        Command::Restore { from, overrides } => {
+            let config = Config::resolve(&overrides)?;
+            node::ops::restore(&from, &config)?;
+            eprintln!("restored {} into {}", from.display(), config.data_dir.display());
+            serve(&overrides)
+        }
+        Command::Weight { target, weight } => {
+            if !(0.0..=1.0).contains(&weight) {
+                bail!("WEIGHT is 0..1");
+            }
+            let done = node::ops::set_weight(&target.addr, &target.config_or_fail()?, weight)?;
+            println!("{} now has weight {}", done["node"], done["weight"]);
+            Ok(())
+        }
         Command::Token { overrides, user, ttl, svc } => {
             let config = Config::resolve(&overrides)?;
             if !node_core::social::valid_user(&user) {
@@ -89,15 +199,24 @@ fn main() -> anyhow::Result<()> {
 fn serve(overrides: &Overrides) -> anyhow::Result<()> {
     let config = Config::resolve(overrides)?;
     init_logs(config.log_json);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
-    runtime.block_on(async {
+    // Every log line names the node: each runtime thread enters the node's span for good.
+    let span = tracing::info_span!("node", id = %config.node_id);
+    let thread_span = span.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(thread_span.clone().entered()))
+        .build()
+        .context("start runtime")?;
+    let _entered = span.enter();
+    let result = runtime.block_on(async {
         let listener = TcpListener::bind(config.http).await.with_context(|| format!("bind {}", config.http))?;
         let addr = listener.local_addr()?;
-        let span = tracing::info_span!("node", id = %config.node_id);
-        let _entered = span.enter();
         tracing::info!(%addr, data_dir = %config.data_dir.display(), dev = config.dev, "serving");
         node::run(config, listener, shutdown_signal()).await
-    })?;
+    });
+    // Tasks still running (connections being answered) get a moment, not forever.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result?;
     tracing::info!("stopped");
     Ok(())
 }

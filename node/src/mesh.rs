@@ -42,8 +42,13 @@ pub async fn start(config: &Config, http_addr: SocketAddr, handler: Option<Handl
         seeds.extend(found);
     }
     // With port 0 the advertised address is only known after binding: bind, then advertise.
-    let identity =
-        |mesh_addr| Identity { id: id.clone(), mesh_addr, http_addr, weight_milli: 1000, bump: clock::now_ms() };
+    let identity = |mesh_addr| Identity {
+        id: id.clone(),
+        mesh_addr,
+        http_addr,
+        weight_milli: config.weight_milli,
+        bump: clock::now_ms(),
+    };
     let advertise = config.mesh_advertise.unwrap_or(config.mesh);
     let mesh_config = |identity, bind| MeshConfig {
         identity,

@@ -41,6 +41,22 @@ pub struct StoreStats {
     pub appends: u64,
     /// Synced writes: one per group of appends.
     pub syncs: u64,
+    /// Synced writes by how many appends they carried: `groups[i]` counts groups of at most
+    /// [`GROUP_BOUNDS`]`[i]` appends (and more than the bound before it); larger groups
+    /// count only in `syncs`.
+    pub groups: [u64; GROUP_BOUNDS.len()],
+}
+
+/// The upper bounds of [`StoreStats::groups`].
+pub const GROUP_BOUNDS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+impl StoreStats {
+    /// Counts one synced group of `appends` appends.
+    pub fn add_group(groups: &mut [u64; GROUP_BOUNDS.len()], appends: u64) {
+        if let Some(i) = GROUP_BOUNDS.iter().position(|bound| appends <= *bound) {
+            groups[i] += 1;
+        }
+    }
 }
 
 pub trait Store: Send + Sync + 'static {
@@ -64,4 +80,11 @@ pub trait Store: Send + Sync + 'static {
     fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<MetaEntry>, StoreError>;
 
     fn stats(&self) -> StoreStats;
+
+    /// Writes a consistent, openable copy of everything durable into `dir`, which must not
+    /// exist yet, while the store keeps serving.
+    fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StoreError> {
+        let _ = dir;
+        Err(StoreError::Failed("this store cannot take checkpoints".into()))
+    }
 }

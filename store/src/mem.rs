@@ -86,6 +86,7 @@ impl Inner {
             return Vec::new();
         }
         self.stats.syncs += 1;
+        StoreStats::add_group(&mut self.stats.groups, self.unsynced.len() as u64);
         let mut done = Vec::with_capacity(self.unsynced.len());
         for (batch, completion) in std::mem::take(&mut self.unsynced) {
             self.synced.apply(batch);

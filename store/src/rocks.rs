@@ -66,6 +66,7 @@ struct Counters {
     events: AtomicU64,
     appends: AtomicU64,
     syncs: AtomicU64,
+    groups: parking_lot::Mutex<[u64; crate::GROUP_BOUNDS.len()]>,
 }
 
 impl RocksStore {
@@ -181,6 +182,7 @@ fn write_groups(
         }
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         stats.appends.fetch_add(group.len() as u64, Ordering::Relaxed);
+        StoreStats::add_group(&mut stats.groups.lock(), group.len() as u64);
         stats.events.fetch_add(events as u64, Ordering::Relaxed);
         for (_, done) in group {
             done(result.clone());
@@ -304,6 +306,17 @@ impl Store for RocksStore {
             events: self.stats.events.load(Ordering::Relaxed),
             appends: self.stats.appends.load(Ordering::Relaxed),
             syncs: self.stats.syncs.load(Ordering::Relaxed),
+            groups: *self.stats.groups.lock(),
         }
+    }
+
+    fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        // RocksDB flushes the memtables and links the live files (copying the WAL's tail),
+        // so the copy holds every synced write at one point, across all column families.
+        let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .map_err(|e| StoreError::Failed(format!("checkpoint: {e}")))?;
+        checkpoint
+            .create_checkpoint(dir)
+            .map_err(|e| StoreError::Failed(format!("checkpoint into {}: {e}", dir.display())))
     }
 }

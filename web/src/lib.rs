@@ -12,6 +12,7 @@
 mod assets;
 pub mod auth;
 mod error;
+pub mod metrics;
 mod render;
 mod routes;
 mod server;
@@ -19,6 +20,7 @@ mod server;
 use std::future::Future;
 
 pub use error::ApiError;
+pub use metrics::HttpMetrics;
 pub use server::{run, AllowNet, WebConfig};
 
 use node_core::api::{Reply, Request};
@@ -32,8 +34,19 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether `/readyz` should answer 200.
     fn ready(&self) -> bool;
     fn cluster(&self) -> ClusterView;
-    /// Prometheus text.
+    /// The node's whole registry (this layer's [`HttpMetrics`] included), OpenMetrics text.
     fn metrics(&self) -> String;
+    /// Runs an operation on this node (`/v1/admin/*`; the caller holds a service token).
+    fn admin(&self, call: AdminCall) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+}
+
+/// Operations a service token may run on one node.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdminCall {
+    /// Write a consistent checkpoint of the store into `dir` (absolute, not yet existing).
+    Backup { dir: String },
+    /// Set this node's placement weight (0..1), live.
+    Weight { weight: f64 },
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -59,4 +72,7 @@ pub struct PartitionView {
     pub replicas: u32,
     pub primary_here: u32,
     pub replica_here: u32,
+    /// Partitions led here whose slowest other voter lacks log entries, and the most any lacks.
+    pub lagging: u32,
+    pub lag_max: u64,
 }

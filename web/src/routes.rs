@@ -14,7 +14,7 @@ use node_core::social::valid_user;
 use store::{EventId, StreamName, Version};
 
 use crate::auth::{self, Claims};
-use crate::{render, ApiError, Backend, WebConfig};
+use crate::{render, AdminCall, ApiError, Backend, WebConfig};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -23,6 +23,8 @@ pub enum Route {
     Readyz,
     Metrics,
     Cluster,
+    /// Operations on this node (`backup`, `weight`): a service token, always.
+    Admin(&'static str),
     DevToken,
     Messages(String),
     Typing(String),
@@ -55,6 +57,8 @@ pub fn resolve(path: &str) -> Option<(Route, &'static [Method])> {
         ["readyz"] => (Route::Readyz, GET),
         ["metrics"] => (Route::Metrics, GET),
         ["v1", "cluster"] => (Route::Cluster, GET),
+        ["v1", "admin", "backup"] => (Route::Admin("backup"), POST),
+        ["v1", "admin", "weight"] => (Route::Admin("weight"), PUT),
         ["v1", "dev", "token"] => (Route::DevToken, POST),
         ["v1", "chats"] => (Route::Chats, GET),
         ["v1", "chats", peer, "messages"] => (Route::Messages(own(peer)), GET_POST),
@@ -105,7 +109,34 @@ impl<B: Backend> Call<'_, B> {
             Route::Readyz => Err(ApiError::unavailable("not ready")),
             Route::Metrics => {
                 self.ops(true)?;
-                Ok(Answer::Text("text/plain; version=0.0.4", self.backend.metrics()))
+                Ok(Answer::Text("application/openmetrics-text; version=1.0.0; charset=utf-8", self.backend.metrics()))
+            }
+            Route::Admin(action) => {
+                // These change the node or write files on it: a service token even from
+                // `ops_allow` networks.
+                service(&self.claims()?)?;
+                let call = match action {
+                    "backup" => {
+                        #[derive(Deserialize)]
+                        struct Body {
+                            dir: String,
+                        }
+                        let body: Body = parse_body(&self.body)?;
+                        AdminCall::Backup { dir: body.dir }
+                    }
+                    _ => {
+                        #[derive(Deserialize)]
+                        struct Body {
+                            weight: f64,
+                        }
+                        let body: Body = parse_body(&self.body)?;
+                        if !(0.0..=1.0).contains(&body.weight) {
+                            return Err(ApiError::bad_request("weight is 0..1"));
+                        }
+                        AdminCall::Weight { weight: body.weight }
+                    }
+                };
+                Ok(json(200, &self.backend.admin(call).await?))
             }
             Route::Cluster => {
                 self.ops(false)?;
@@ -121,8 +152,11 @@ impl<B: Backend> Call<'_, B> {
                 let _permit = if request.holds() {
                     None
                 } else {
-                    let permit = self.calls.try_acquire();
-                    Some(permit.map_err(|_| ApiError::overloaded("too many requests in flight on this node"))?)
+                    let Ok(permit) = self.calls.try_acquire() else {
+                        self.config.metrics.refused("in_flight");
+                        return Err(ApiError::overloaded("too many requests in flight on this node"));
+                    };
+                    Some(InFlight::new(permit, &self.config.metrics.in_flight))
                 };
                 let reply = self.backend.call(request).await;
                 answer(reply)
@@ -244,6 +278,25 @@ impl<B> Call<'_, B> {
         }
         let body: Body = if self.body.is_empty() { Body::default() } else { parse_body(&self.body)? };
         Ok(Request::PostFeed { user, target: user_segment(target)?, id: event_id(body.id)?, kind })
+    }
+}
+
+/// A call counted in flight until it is answered or dropped.
+struct InFlight<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(permit: tokio::sync::SemaphorePermit<'a>, gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        InFlight { _permit: permit, gauge }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 

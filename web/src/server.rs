@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::metrics::HttpMetrics;
 use crate::routes::{self, Answer, Call};
 use crate::{ApiError, Backend};
 
@@ -39,6 +40,8 @@ pub struct WebConfig {
     /// API calls answered at once (long-polls aside); more get 429 at once.
     pub requests_in_flight_max: usize,
     pub header_read_timeout: Duration,
+    /// Where requests are counted; the node registers it in its registry.
+    pub metrics: Arc<HttpMetrics>,
 }
 
 impl Default for WebConfig {
@@ -53,6 +56,7 @@ impl Default for WebConfig {
             connections_max: 19_500,
             requests_in_flight_max: 256,
             header_read_timeout: Duration::from_secs(10),
+            metrics: Arc::default(),
         }
     }
 }
@@ -128,14 +132,17 @@ pub async fn run<B: Backend>(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             drop(stream); // Over the connection cap: close at once.
+            config.metrics.refused("connections");
             continue;
         };
+        config.metrics.connections.inc();
         let _ = stream.set_nodelay(true);
         let (backend, config, calls) = (backend.clone(), config.clone(), calls.clone());
         let (header_read_timeout, header_bytes_max) = (config.header_read_timeout, config.header_bytes_max);
         tokio::spawn(async move {
+            let config_for_service = config.clone();
             let service = hyper::service::service_fn(move |request| {
-                let (backend, config, calls) = (backend.clone(), config.clone(), calls.clone());
+                let (backend, config, calls) = (backend.clone(), config_for_service.clone(), calls.clone());
                 async move { Ok::<_, Infallible>(handle(&*backend, &config, &calls, peer, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -144,6 +151,7 @@ pub async fn run<B: Backend>(
                 .max_buf_size(header_bytes_max.max(8192))
                 .serve_connection(TokioIo::new(stream), service);
             let _ = connection.await;
+            config.metrics.connections.dec();
             drop(permit);
         });
     }
@@ -162,10 +170,13 @@ async fn handle<B: Backend>(
         .and_then(|o| o.to_str().ok())
         .filter(|o| allowed_origin(config, o))
         .map(str::to_owned);
-    let mut response = match respond(backend, config, calls, peer, request).await {
+    let started = tokio::time::Instant::now();
+    let mut route = "unknown";
+    let mut response = match respond(backend, config, calls, peer, request, &mut route).await {
         Ok(response) => response,
         Err(error) => error_response(&error),
     };
+    config.metrics.answered(route, response.status().as_u16(), started.elapsed().as_secs_f64());
     if let Some(origin) = origin {
         let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_str(&origin).expect("checked origin"));
@@ -181,8 +192,10 @@ async fn respond<B: Backend>(
     calls: &Semaphore,
     peer: SocketAddr,
     request: Request<Incoming>,
+    name: &mut &'static str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (route, methods) = routes::resolve(request.uri().path()).ok_or_else(ApiError::not_found)?;
+    *name = route.name();
     let method = request.method().clone();
     if method == Method::OPTIONS {
         return Ok(preflight(methods));
@@ -324,6 +337,9 @@ mod tests {
         }
         fn metrics(&self) -> String {
             String::new()
+        }
+        async fn admin(&self, _call: crate::AdminCall) -> Result<serde_json::Value, ApiError> {
+            unreachable!("not asked")
         }
     }
 

@@ -309,6 +309,35 @@ impl NodeCore {
         self.waits.len()
     }
 
+    /// The version of `sys:flags` this core knows (from its store, or learned).
+    pub fn flags_version(&mut self) -> Result<Version, CoreError> {
+        Ok(self.flags()?.applied)
+    }
+
+    /// Flag events read from the primary of `sys:flags` on another node (with replication
+    /// a node may hold no copy of that stream, or hold it without its core hearing of
+    /// appends): folds the new ones in order and wakes every held `sync`, which then
+    /// carries a `flags` item.
+    pub fn learn_flags(&mut self, now_ms: u64, events: &[Event]) {
+        let before = self.flags.applied;
+        for event in events {
+            if event.version == self.flags.applied.next() {
+                self.flags.apply(event);
+            }
+        }
+        if self.flags.applied > before {
+            let users: Vec<String> = self.sync_waits.keys().cloned().collect();
+            for user in users {
+                self.wake_user(now_ms, &user);
+            }
+        }
+    }
+
+    /// What the held long-polls watch: users with a `sync` waiting, streams with a wait.
+    pub fn subscriptions(&self) -> (usize, usize) {
+        (self.sync_waits.len(), self.stream_waits.len())
+    }
+
     pub fn request(&mut self, now_ms: u64, request: RequestId, input: Request) {
         let answer = if self.failed || self.stopping {
             Err(CoreError::Unavailable("node is stopping".into()))
@@ -780,7 +809,7 @@ impl NodeCore {
         if cursor.generation != self.config.generation
             || behind(cursor.inbox, self.head(&social::inbox_stream(&user))?)
             || behind(cursor.feed, self.head(&social::feed_stream(&user))?)
-            || behind(cursor.flags, self.head(&social::flags_stream())?)
+            || behind(cursor.flags, self.flags()?.applied)
         {
             return self.fresh_sync(now_ms, &user, true).map(Some);
         }
@@ -801,7 +830,7 @@ impl NodeCore {
             generation: self.config.generation,
             inbox: self.head(&social::inbox_stream(user))?,
             feed: self.head(&social::feed_stream(user))?,
-            flags: self.head(&social::flags_stream())?,
+            flags: self.flags()?.applied,
             signals_after: {
                 // Later signals, even in this millisecond, get larger stamps.
                 self.signal_stamp = self.signal_stamp.max(now_ms * 1000);

@@ -13,13 +13,6 @@ use crate::harness::{mint, ulid, Node};
 const APPENDERS: usize = 64;
 const STREAMS: usize = 8;
 
-fn metric(node: &Node, name: &str) -> f64 {
-    let (_, _, text) = node.raw("GET", "/metrics", None, None, &[]);
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 /// Appends one event per request from 64 threads until `stop`; returns the acknowledged ids
 /// per stream and the ids whose outcome is unknown (sent, no answer).
 fn append_until(
@@ -129,13 +122,13 @@ fn group_commit_shares_wal_syncs_between_64_appenders() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
     let (appends_before, syncs_before) =
-        (metric(&node, "griddle_store_appends_total"), metric(&node, "griddle_store_wal_syncs_total"));
+        (node.metric("griddle_store_appends_total"), node.metric("griddle_store_wal_syncs_total"));
     let stop = AtomicBool::new(false);
     let (acked, unknown) = append_until(&node.url, &stop, 40);
     assert!(unknown.is_empty());
     assert_eq!(acked.values().map(Vec::len).sum::<usize>(), APPENDERS * 40);
-    let appends = metric(&node, "griddle_store_appends_total") - appends_before;
-    let syncs = metric(&node, "griddle_store_wal_syncs_total") - syncs_before;
+    let appends = node.metric("griddle_store_appends_total") - appends_before;
+    let syncs = node.metric("griddle_store_wal_syncs_total") - syncs_before;
     let per_sync = appends / syncs;
     println!("group commit over HTTP: {appends} appends in {syncs} WAL syncs, {per_sync:.1} per sync");
     assert!(per_sync >= 8.0, "only {per_sync:.1} appends per WAL sync");

@@ -23,24 +23,34 @@ impl Node {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Node {
-        Node::spawn(data_dir, extra, Stdio::inherit())
+        Node::spawn(data_dir, extra, Stdio::inherit(), "warn")
     }
 
-    /// Starts a node whose log (stderr) goes to `log`.
-    pub fn start_logged(data_dir: &Path, extra: &[&str], log: &Path) -> Node {
-        Node::spawn(data_dir, extra, Stdio::from(std::fs::File::create(log).unwrap()))
+    /// Starts a node whose log (stderr) goes to `log`, at `level` (`GRIDDLE_LOG`).
+    pub fn start_logged(data_dir: &Path, extra: &[&str], log: &Path, level: &str) -> Node {
+        Node::spawn(data_dir, extra, Stdio::from(std::fs::File::create(log).unwrap()), level)
     }
 
-    fn spawn(data_dir: &Path, extra: &[&str], stderr: Stdio) -> Node {
-        let mesh_given = extra.contains(&"--mesh");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_griddle"));
-        command.args(["serve", "--dev", "--http", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
-        if !mesh_given {
-            command.args(["--mesh", "127.0.0.1:0"]);
+    fn spawn(data_dir: &Path, extra: &[&str], stderr: Stdio, level: &str) -> Node {
+        let mut args = vec!["serve", "--dev", "--http", "127.0.0.1:0"];
+        if !extra.contains(&"--mesh") {
+            args.extend(["--mesh", "127.0.0.1:0"]);
         }
-        let mut child = command
-            .args(extra)
-            .env("GRIDDLE_LOG", "warn")
+        args.extend(extra);
+        Node::run(&args, data_dir, stderr, level)
+    }
+
+    /// Runs `griddle ARGS --data-dir DIR` (any command that ends up serving).
+    pub fn spawn_command(args: &[&str], data_dir: &Path) -> Node {
+        Node::run(args, data_dir, Stdio::inherit(), "warn")
+    }
+
+    fn run(args: &[&str], data_dir: &Path, stderr: Stdio, level: &str) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_griddle"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("GRIDDLE_LOG", level)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -74,6 +84,12 @@ impl Node {
     pub fn terminate(mut self) -> std::process::ExitStatus {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         self.child.wait().unwrap()
+    }
+
+    /// One series of `/metrics` (name and labels exactly as exposed), read from loopback.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, _, text) = self.raw("GET", "/metrics", None, None, &[]);
+        sample(&text, series).unwrap_or_else(|| panic!("no {series} in {text}"))
     }
 
     pub fn token(&self, user: &str) -> String {
@@ -142,6 +158,29 @@ pub fn mint(user: &str, exp_from_now_secs: i64, svc: bool) -> String {
     let now = node::clock::now_ms() as i64 / 1000;
     let claims = web::auth::Claims { sub: user.into(), exp: (now + exp_from_now_secs) as u64, svc };
     web::auth::mint(SECRET, &claims)
+}
+
+/// Every event of `stream`, oldest first, read through `node` a page at a time.
+pub fn read_all(node: &Node, stream: &str, token: &str) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |e| e["version"].as_u64().unwrap());
+        let (status, page) = node.get(&format!("/v1/streams/{stream}/events?after={after}&limit=100"), Some(token));
+        assert_eq!(status, 200, "{page}");
+        let events = page["events"].as_array().unwrap();
+        all.extend(events.iter().cloned());
+        if events.len() < 100 {
+            return all;
+        }
+    }
+}
+
+/// The value of one series (`name{labels}` as written) in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
 }
 
 pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {

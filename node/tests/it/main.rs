@@ -4,4 +4,5 @@ mod api;
 mod crash;
 mod harness;
 mod mesh;
+mod ops;
 mod replication;

@@ -132,6 +132,7 @@ fn a_node_with_another_cluster_ca_cannot_join_and_the_log_says_why() {
         &dir.path().join("intruder"),
         &["--certs", certs.to_str().unwrap(), "--join", &seed.mesh],
         &log,
+        "warn",
     );
     std::thread::sleep(Duration::from_secs(3));
     assert!(

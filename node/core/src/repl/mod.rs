@@ -643,6 +643,24 @@ impl Replicas {
         )
     }
 
+    /// For each partition this node leads: how many log entries its slowest other voter
+    /// still lacks (replication lag, for `/metrics` and `griddle status`).
+    pub fn lags(&self) -> Vec<(Partition, u64)> {
+        let me = self.config.node.as_str();
+        let mut lags = Vec::new();
+        for (part, p) in &self.parts {
+            let Role::Primary(primacy) = &p.role else { continue };
+            let slowest = p
+                .conf
+                .voters()
+                .filter(|m| m.node != me)
+                .map(|m| primacy.progress.get(&m.node).map_or(0, |progress| progress.matched))
+                .min();
+            lags.push((*part, slowest.map_or(0, |matched| p.last.index.saturating_sub(matched))));
+        }
+        lags
+    }
+
     /// The recorded conf of a partition as this node knows it.
     pub fn conf(&self, part: Partition) -> Option<&Conf> {
         self.parts.get(&part).map(|p| &p.conf)
