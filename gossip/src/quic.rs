@@ -159,6 +159,7 @@ impl Mesh {
             active: active.clone(),
             events: events.clone(),
             links: links.clone(),
+            up_bumps: HashMap::new(),
         };
         tokio::spawn(driver.run(incoming_rx, command_rx));
         Ok(Mesh {
@@ -402,6 +403,8 @@ struct Driver {
     active: Arc<std::sync::atomic::AtomicBool>,
     events: broadcast::Sender<MemberEvent>,
     links: Links,
+    /// The identity (`bump`) each member was last seen up with.
+    up_bumps: HashMap<NodeId, u64>,
 }
 
 impl Driver {
@@ -464,22 +467,43 @@ impl Driver {
         }
     }
 
-    /// Sends what the machine produced, publishes its view and events.
+    /// Publishes the machine's events and view, and sends what it produced. Events go first:
+    /// a member that left, died or restarted loses its connection here before anything is
+    /// sent to it, so the answer to a restarted node's announce goes out on a fresh
+    /// connection instead of the dead one (lost until the 5 s idle timeout closed it).
     fn flush(&mut self) {
-        while let Some(transmit) = self.membership.poll_transmit() {
-            self.send(transmit);
-        }
         while let Some(event) = self.membership.poll_event() {
             match &event {
-                MemberEvent::Up(m) => tracing::info!(member = %m.id, addr = %m.mesh_addr, "mesh member up"),
+                MemberEvent::Up(m) => {
+                    tracing::info!(member = %m.id, addr = %m.mesh_addr, "mesh member up");
+                    if self.up_bumps.insert(m.id.clone(), m.bump).is_some_and(|bump| bump != m.bump) {
+                        self.drop_peer(m.mesh_addr, "member restarted");
+                    }
+                }
                 MemberEvent::Suspect(m) => tracing::info!(member = %m.id, "mesh member suspect"),
-                MemberEvent::Down(m) => tracing::info!(member = %m.id, "mesh member down"),
-                MemberEvent::Left(m) => tracing::info!(member = %m.id, "mesh member left"),
+                MemberEvent::Down(m) => {
+                    tracing::info!(member = %m.id, "mesh member down");
+                    self.drop_peer(m.mesh_addr, "member down");
+                }
+                MemberEvent::Left(m) => {
+                    tracing::info!(member = %m.id, "mesh member left");
+                    self.drop_peer(m.mesh_addr, "member left");
+                }
             }
             let _ = self.events.send(event);
         }
+        while let Some(transmit) = self.membership.poll_transmit() {
+            self.send(transmit);
+        }
         *self.view.lock() = self.membership.members();
         self.active.store(self.membership.is_active(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Closes and forgets the connection to `addr`; the next packet there connects afresh.
+    fn drop_peer(&mut self, addr: SocketAddr, why: &'static str) {
+        if let Some(Peer::Connected(connection, _)) = self.peers.remove(&addr) {
+            connection.close(0u32.into(), why.as_bytes());
+        }
     }
 
     fn send(&mut self, transmit: Transmit) {

@@ -198,16 +198,8 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(overrides: &Overrides) -> anyhow::Result<()> {
     let config = Config::resolve(overrides)?;
-    init_logs(config.log_json);
-    // Every log line names the node: each runtime thread enters the node's span for good.
-    let span = tracing::info_span!("node", id = %config.node_id);
-    let thread_span = span.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .on_thread_start(move || std::mem::forget(thread_span.clone().entered()))
-        .build()
-        .context("start runtime")?;
-    let _entered = span.enter();
+    init_logs(config.log_json, &config.node_id);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     let result = runtime.block_on(async {
         let listener = TcpListener::bind(config.http).await.with_context(|| format!("bind {}", config.http))?;
         let addr = listener.local_addr()?;
@@ -233,13 +225,54 @@ async fn shutdown_signal() {
     tracing::info!("stopping on signal");
 }
 
-fn init_logs(json: bool) {
+fn init_logs(json: bool, node_id: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GRIDDLE_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let writer = NodeLines { node: node_id.into(), json };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     if json {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Writes log lines to stderr with the node's id in each: `node=ID ` before a text line, a
+/// `"node":"ID"` field first in a JSON one. Done at the writer, not with a span, because
+/// tasks instrumented with their own root spans (quinn's) would lose a span's fields.
+#[derive(Clone)]
+struct NodeLines {
+    node: std::sync::Arc<str>,
+    json: bool,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for NodeLines {
+    type Writer = NodeLines;
+    fn make_writer(&'a self) -> NodeLines {
+        self.clone()
+    }
+}
+
+impl std::io::Write for NodeLines {
+    /// The fmt layer hands over each event whole, in one call.
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut out = Vec::with_capacity(line.len() + self.node.len() + 16);
+        match line.strip_prefix(b"{") {
+            // Node ids are `[A-Za-z0-9_-]`: nothing to escape.
+            Some(rest) if self.json => {
+                out.extend_from_slice(format!("{{\"node\":\"{}\",", self.node).as_bytes());
+                out.extend_from_slice(rest);
+            }
+            _ => {
+                out.extend_from_slice(format!("node={} ", self.node).as_bytes());
+                out.extend_from_slice(line);
+            }
+        }
+        std::io::stderr().lock().write_all(&out)?;
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 

@@ -76,7 +76,12 @@ fn metrics_count_requests_appends_group_commits_and_held_long_polls() {
 fn logs_are_json_lines_naming_the_node_and_never_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("node.log");
-    let node = Node::start_logged(&dir.path().join("data"), &["--node-id", "logged-node", "--log-json"], &log, "info");
+    let node = Node::start_logged(
+        &dir.path().join("data"),
+        &["--node-id", "logged-node", "--log-json", "--join", "127.0.0.1:9"],
+        &log,
+        "debug",
+    );
     let token = mint("alice", 600, false);
     let (status, _) = node.post("/v1/chats/bob/messages", Some(&token), r#"{"text":"hi"}"#);
     assert_eq!(status, 201);
@@ -91,7 +96,7 @@ fn logs_are_json_lines_naming_the_node_and_never_a_token() {
     for line in &lines {
         let entry: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(entry["level"].is_string() && entry["timestamp"].is_string(), "{line}");
-        assert!(line.contains(r#""id":"logged-node""#), "every line names the node: {line}");
+        assert_eq!(entry["node"], "logged-node", "every line names the node: {line}");
     }
     for secret in [token.as_str(), forged.as_str(), dev.as_str(), node::config::DEV_SECRET] {
         assert!(!text.contains(secret), "a secret reached the log");
@@ -318,4 +323,222 @@ fn a_backup_taken_under_writes_restores_every_event_acknowledged_before_it() {
     let body = format!(r#"[{{"id":"{}","type":"t","data":{{}}}}]"#, ulid());
     assert_eq!(restored.post("/v1/streams/backup:0/events", Some(&svc), &body).0, 201);
     println!("{} events acknowledged before the backup, all restored", before.len());
+}
+
+/// `scripts/rolling-restart` on a new binary under chat load: 8 writers send messages to 4
+/// readers, whose syncs (like a browser tab) move to another node when theirs goes away and
+/// resume with the same cursor. Afterwards every acknowledged message reached its reader,
+/// in order, once, with no reset; and every node runs the new binary.
+#[test]
+fn a_rolling_restart_under_chat_load_loses_nothing_and_no_sync_skips_an_event() {
+    const NODES: usize = 3;
+    const READERS: usize = 4;
+    const WRITERS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (https, meshes): (Vec<u16>, Vec<u16>) = (0..NODES).map(|_| (port(), port())).unzip();
+    let urls: Vec<String> = https.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    for i in 0..NODES {
+        let join: Vec<String> =
+            (0..NODES).filter(|j| *j != i).map(|j| format!("\"127.0.0.1:{}\"", meshes[j])).collect();
+        let config = format!(
+            "node_id = \"n{i}\"\ndata_dir = \"{}\"\nhttp = \"127.0.0.1:{}\"\nmesh = \"127.0.0.1:{}\"\n\
+             join = [{}]\ndev = true\nreplicas = 3\nbootstrap_expect = 3\n",
+            run.join(format!("n{i}")).display(),
+            https[i],
+            meshes[i],
+            join.join(", ")
+        );
+        std::fs::write(run.join(format!("n{i}.toml")), config).unwrap();
+    }
+    // Started detached, as an operator's nodes are: the script, not this test, restarts them.
+    let binary = env!("CARGO_BIN_EXE_griddle");
+    for i in 0..NODES {
+        let started = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "setsid nohup {binary} serve --config n{i}.toml >>n{i}.log 2>&1 </dev/null & echo $! >n{i}.pid"
+            ))
+            .current_dir(run)
+            .env("GRIDDLE_LOG", "warn")
+            .status()
+            .unwrap();
+        assert!(started.success());
+    }
+    let _cleanup = KillPids(run.to_path_buf());
+    let alive_at = |url: &String| {
+        let cluster: Value = match ureq::get(&format!("{url}/v1/cluster")).call() {
+            Ok(answer) => answer.into_json().unwrap(),
+            Err(_) => return 0,
+        };
+        cluster["members"].as_array().map_or(0, |m| m.iter().filter(|m| m["state"] == "alive").count())
+    };
+    assert!(wait_until(Duration::from_secs(20), || urls.iter().all(|u| alive_at(u) == NODES)), "mesh forms");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers_done = Arc::new(AtomicBool::new(false));
+    let acked: Arc<std::sync::Mutex<Vec<(usize, String)>>> = Arc::default();
+    let readers: Vec<_> = (0..READERS)
+        .map(|r| {
+            let (urls, done, acked) = (urls.clone(), writers_done.clone(), acked.clone());
+            std::thread::spawn(move || sync_reader(r, &urls, &done, &acked))
+        })
+        .collect();
+    // Every reader holds a cursor before the first message is sent.
+    std::thread::sleep(Duration::from_secs(1));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (urls, stop, acked) = (urls.clone(), stop.clone(), acked.clone());
+            std::thread::spawn(move || chat_writer(w, w % READERS, &urls, &stop, &acked))
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || acked.lock().unwrap().len() >= 100), "messages flow");
+
+    // The "new binary": another file, so each process can be checked to run it.
+    let new_binary = run.join("griddle-new");
+    std::fs::copy(binary, &new_binary).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/rolling-restart");
+    let began = Instant::now();
+    let output = Command::new(script)
+        .args(["--run-dir", run.to_str().unwrap(), "--binary", new_binary.to_str().unwrap()])
+        .env("GRIDDLE_LOG", "warn")
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "rolling restart failed:\n{said}");
+    println!("{said}(took {:?} under load)", began.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    writers.into_iter().for_each(|t| t.join().unwrap());
+    writers_done.store(true, Ordering::Relaxed);
+    let acked = acked.lock().unwrap().clone();
+
+    // Readers keep syncing until they have every acknowledged message (or 20 s pass).
+    let got: Vec<Received> = readers.into_iter().map(|t| t.join().unwrap()).collect();
+    for (r, received) in got.iter().enumerate() {
+        assert_eq!(received.resets, 0, "reader {r}: a sync was reset");
+        let ids: std::collections::HashSet<&str> = received.events.iter().map(|(_, _, id)| id.as_str()).collect();
+        assert_eq!(ids.len(), received.events.len(), "reader {r}: an event came twice");
+        let mut by_chat: HashMap<&str, Vec<u64>> = HashMap::new();
+        for (chat, version, _) in &received.events {
+            by_chat.entry(chat.as_str()).or_default().push(*version);
+        }
+        for (chat, versions) in by_chat {
+            let dense: Vec<u64> = (1..=versions.len() as u64).collect();
+            assert_eq!(versions, dense, "reader {r}: {chat} in order, without gaps");
+        }
+        let missing: Vec<&String> =
+            acked.iter().filter(|(to, id)| *to == r && !ids.contains(id.as_str())).map(|(_, id)| id).collect();
+        assert!(missing.is_empty(), "reader {r}: acknowledged but never synced: {missing:?}");
+        println!("reader {r}: {} messages, {} gateway switches", received.events.len(), received.switches);
+    }
+    println!("{} messages acknowledged during the rolling restart", acked.len());
+    for i in 0..NODES {
+        let pid = std::fs::read_to_string(run.join(format!("n{i}.pid"))).unwrap();
+        let exe = std::fs::read_link(format!("/proc/{}/exe", pid.trim())).unwrap();
+        assert_eq!(exe, new_binary, "n{i} runs the new binary");
+    }
+}
+
+/// Kills (SIGTERM, then SIGKILL) the processes of every `*.pid` in a directory when dropped.
+struct KillPids(std::path::PathBuf);
+
+impl Drop for KillPids {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.0) else { return };
+        for entry in entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "pid")) {
+            if let Ok(pid) = std::fs::read_to_string(entry.path()) {
+                let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+/// Sends messages from `s{w}` to `r{to}`, each with its own id, retried through the next node
+/// until acknowledged.
+fn chat_writer(
+    w: usize,
+    to: usize,
+    urls: &[String],
+    stop: &AtomicBool,
+    acked: &std::sync::Mutex<Vec<(usize, String)>>,
+) {
+    let token = mint(&format!("s{w}"), 600, false);
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+    let mut gateway = w % urls.len();
+    while !stop.load(Ordering::Relaxed) {
+        let id = ulid();
+        let body = format!(r#"{{"id":"{id}","text":"from s{w}"}}"#);
+        loop {
+            let url = format!("{}/v1/chats/r{to}/messages", urls[gateway]);
+            let answer = agent
+                .post(&url)
+                .set("Authorization", &format!("Bearer {token}"))
+                .set("Content-Type", "application/json")
+                .send_string(&body);
+            if answer.is_ok() {
+                acked.lock().unwrap().push((to, id));
+                break;
+            }
+            if stop.load(Ordering::Relaxed) {
+                return; // Unacknowledged: stored or not, either is fine.
+            }
+            gateway = (gateway + 1) % urls.len();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[derive(Default)]
+struct Received {
+    /// (chat stream, version, message id), in the order syncs handed them out.
+    events: Vec<(String, u64, String)>,
+    resets: usize,
+    switches: usize,
+}
+
+/// A browser tab's sync loop for `r{r}`: long-polls with its cursor, and on a failed call moves
+/// to the next node with the same cursor. Once the writers are done it goes on until it has
+/// every message acknowledged for it, for at most 20 s.
+fn sync_reader(
+    r: usize,
+    urls: &[String],
+    done: &AtomicBool,
+    acked: &std::sync::Mutex<Vec<(usize, String)>>,
+) -> Received {
+    let token = mint(&format!("r{r}"), 600, false);
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    let mut gateway = r % urls.len();
+    let mut received = Received::default();
+    let mut cursor: Option<String> = None;
+    let mut done_at: Option<Instant> = None;
+    loop {
+        if done.load(Ordering::Relaxed) {
+            let since = *done_at.get_or_insert_with(Instant::now);
+            let has = |id: &String| received.events.iter().any(|(_, _, got)| got == id);
+            let complete = acked.lock().unwrap().iter().filter(|(to, _)| *to == r).all(|(_, id)| has(id));
+            if complete || since.elapsed() > Duration::from_secs(20) {
+                return received;
+            }
+        }
+        let since = cursor.as_ref().map_or(String::new(), |c| format!("&since={c}"));
+        let url = format!("{}/v1/sync?timeout=1{since}", urls[gateway]);
+        let Ok(answer) = agent.get(&url).set("Authorization", &format!("Bearer {token}")).call() else {
+            gateway = (gateway + 1) % urls.len();
+            received.switches += 1;
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let body: Value = answer.into_json().unwrap();
+        if body["reset"] == true {
+            received.resets += 1;
+        }
+        for event in body["events"].as_array().into_iter().flatten().filter(|e| e["type"] == "chat.message") {
+            let chat = event["stream"].as_str().unwrap().to_owned();
+            received.events.push((chat, event["version"].as_u64().unwrap(), event["id"].as_str().unwrap().to_owned()));
+        }
+        cursor = body["cursor"].as_str().map(String::from);
+    }
 }
