@@ -259,6 +259,9 @@ impl Driver {
     }
 
     async fn route(self: &Arc<Self>, request: Request, may_forward: bool) -> Reply {
+        if matches!(request, Request::StreamRead { local: true, .. }) {
+            return self.run(request).await; // This node's copy, whoever leads.
+        }
         let Some(part) = self.partition_of(&request) else { return self.run(request).await };
         let waited = now_ms() + PRIMARY_WAIT_MS;
         let mut forward_failed = false;
@@ -487,6 +490,7 @@ impl Driver {
                     before: None,
                     limit: node_core::api::PAGE_LEN_MAX,
                     wait_ms: FLAGS_POLL_MS,
+                    local: false,
                 };
                 match driver.route(read, true).await {
                     Reply::Page { events, .. } => {
@@ -522,9 +526,9 @@ impl Driver {
         self.stopped.load(Ordering::Relaxed)
     }
 
-    /// Partitions served here as primary and partitions whose replica set names this node
-    /// (`None` without replication).
-    pub fn partition_counts(&self) -> Option<(usize, usize)> {
+    /// Partitions served here as primary, voted in and learned here (`None` without
+    /// replication).
+    pub fn partition_counts(&self) -> Option<(usize, usize, usize)> {
         self.inner.lock().repl.as_ref().map(|r| r.machine.counts())
     }
 

@@ -119,14 +119,14 @@ impl Collector for NodeCollector {
                 ConstGauge::new(count as i64).encode(metric.encode_family(&[("state", name)])?)?;
             }
         }
-        if let Some((primary, replica)) = self.driver.partition_counts() {
+        if let Some((primary, replica, learner)) = self.driver.partition_counts() {
             let mut metric = e.encode_descriptor(
                 "griddle_partitions",
-                "Partitions led here, and held here.",
+                "Partitions led here, voted in here, and followed here as a learner.",
                 None,
                 MetricType::Gauge,
             )?;
-            for (role, count) in [("primary", primary), ("replica", replica)] {
+            for (role, count) in [("primary", primary), ("replica", replica), ("learner", learner)] {
                 ConstGauge::new(count as i64).encode(metric.encode_family(&[("role", role)])?)?;
             }
         }

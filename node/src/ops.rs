@@ -71,7 +71,7 @@ pub fn status(addr: &str, config: Option<&Config>) -> anyhow::Result<String> {
         parts["replicas"],
     )?;
     writeln!(out)?;
-    let header = ["NODE", "STATE", "WEIGHT", "HTTP", "MESH", "PRIMARY", "REPLICA", "LAGGING", "MAX LAG"];
+    let header = ["NODE", "STATE", "WEIGHT", "HTTP", "MESH", "PRIMARY", "REPLICA", "LEARNER", "LAGGING", "MAX LAG"];
     let mut rows = vec![header.map(String::from).to_vec()];
     for member in &members {
         let state = member["state"].as_str().unwrap_or("?");
@@ -87,6 +87,7 @@ pub fn status(addr: &str, config: Option<&Config>) -> anyhow::Result<String> {
             member["mesh_addr"].as_str().unwrap_or("?").to_string(),
             field("primary_here"),
             field("replica_here"),
+            field("learner_here"),
             field("lagging"),
             field("lag_max"),
         ]);
@@ -97,7 +98,8 @@ pub fn status(addr: &str, config: Option<&Config>) -> anyhow::Result<String> {
         writeln!(out, "{}", line.join("  ").trim_end())?;
     }
     writeln!(out)?;
-    writeln!(out, "PRIMARY: partitions led there; REPLICA: partitions whose replica set names it;")?;
+    writeln!(out, "PRIMARY: partitions led there; REPLICA: partitions it votes in; LEARNER: partitions it")?;
+    writeln!(out, "follows without a vote (a ghost at weight 0, or a newcomer catching up);")?;
     writeln!(out, "LAGGING / MAX LAG: partitions led there whose slowest voter lacks entries, and how many.")?;
     Ok(out)
 }

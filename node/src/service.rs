@@ -80,13 +80,15 @@ impl web::Backend for NodeService {
             partitions: {
                 // Without replication this node holds every partition itself.
                 let all = self.partitions as usize;
-                let (primary_here, replica_here) = self.driver.partition_counts().unwrap_or((all, all));
+                let (primary_here, replica_here, learner_here) =
+                    self.driver.partition_counts().unwrap_or((all, all, 0));
                 let lags = self.driver.replication_lags().unwrap_or_default();
                 PartitionView {
                     count: self.partitions,
                     replicas: self.replicas,
                     primary_here: primary_here as u32,
                     replica_here: replica_here as u32,
+                    learner_here: learner_here as u32,
                     lagging: lags.iter().filter(|(_, lag)| *lag > 0).count() as u32,
                     lag_max: lags.iter().map(|(_, lag)| *lag).max().unwrap_or(0),
                 }

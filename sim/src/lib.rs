@@ -98,6 +98,8 @@ pub enum Fault {
     ClockJump,
     DiskError,
     ConnectionReset,
+    /// A node's placement weight set to 0 (a ghost: learner only) or back to full, live.
+    Weight,
     Drop,
     Duplicate,
 }
@@ -159,6 +161,8 @@ struct World {
     truth: HashMap<(store::StreamName, store::Version), store::EventId>,
     /// Disks wiped so far (at most W - 1 may be: the contract holds only then).
     wipes: usize,
+    /// The node at weight 0 (one at most, so placement always finds R weighted nodes).
+    ghost: Option<usize>,
     nodes_total: usize,
 }
 
@@ -184,6 +188,7 @@ impl World {
             writers: Writers::default(),
             truth: HashMap::new(),
             wipes: 0,
+            ghost: None,
             nodes_total: count,
         };
         for i in 0..count {
@@ -453,6 +458,13 @@ impl World {
                 self.fault(Fault::ConnectionReset, i);
                 self.net.reset(i, j);
             }
+            65..=69 if self.nodes[i].up && self.ghost.is_none_or(|g| g == i) => {
+                self.fault(Fault::Weight, i);
+                let local = self.local_ms(i);
+                let weight = if self.ghost.is_some() { 1000 } else { 0 };
+                self.ghost = (weight == 0).then_some(i);
+                self.nodes[i].membership.set_weight(local, weight);
+            }
             _ => {}
         }
         if self.net.is_partitioned() && self.now_ms >= self.heal_at {
@@ -485,6 +497,9 @@ impl World {
             // A restart's identity outranks every earlier life, renewals included: like the
             // real node, it takes its start time (here the global one, so it is unique).
             let membership = self.membership(i, local, self.now_ms);
+            if self.ghost == Some(i) {
+                self.ghost = None; // It restarts at full weight.
+            }
             let seed = self.rng.gen();
             let disk = self.nodes[i].log.disk.clone();
             let log = self.log_node(i, disk, local)?;

@@ -71,7 +71,11 @@ pub struct PartitionView {
     pub count: u32,
     pub replicas: u32,
     pub primary_here: u32,
+    /// Partitions this node votes in (their primary included).
     pub replica_here: u32,
+    /// Partitions this node follows as a learner: a ghost's (weight 0), or a newcomer's
+    /// before it caught up.
+    pub learner_here: u32,
     /// Partitions led here whose slowest other voter lacks log entries, and the most any lacks.
     pub lagging: u32,
     pub lag_max: u64,

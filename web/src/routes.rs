@@ -374,7 +374,13 @@ fn stream_read(stream: StreamName, q: &HashMap<String, String>) -> Result<Reques
     if wait > 0 && after.is_none() {
         return Err(ApiError::bad_request("wait needs after"));
     }
-    Ok(Request::StreamRead { stream, after, before, limit: limit(q, "limit")?, wait_ms: wait * 1000 })
+    let local = match q.get("local").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") if wait == 0 => true,
+        Some("true") => return Err(ApiError::bad_request("local reads do not wait")),
+        Some(_) => return Err(ApiError::bad_request("local is true or false")),
+    };
+    Ok(Request::StreamRead { stream, after, before, limit: limit(q, "limit")?, wait_ms: wait * 1000, local })
 }
 
 fn new_events(body: &Bytes) -> Result<Vec<NewEvent>, ApiError> {

@@ -111,6 +111,10 @@ pub enum Request {
         before: Option<Version>,
         limit: usize,
         wait_ms: u64,
+        /// Answer from this node's own copy, without going to the partition's primary: a
+        /// ghost's (or any replica's) view, for comparison. It may lag the primary.
+        #[serde(default)]
+        local: bool,
     },
     /// Between nodes only (no route builds it): appends with ids the sender chose, to any
     /// stream, reserved kinds included. A chat message's primary delivers its inbox copies

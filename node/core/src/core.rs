@@ -396,7 +396,7 @@ impl NodeCore {
                     .collect();
                 self.submit(now_ms, items, Then::ReplyAll(request))
             }
-            Request::StreamRead { stream, after, before, limit, wait_ms } => {
+            Request::StreamRead { stream, after, before, limit, wait_ms, .. } => {
                 let reply = page(&*self.store, &stream, after, before, limit)?;
                 match (&reply, after) {
                     (Reply::Page { events, .. }, Some(after)) if events.is_empty() && wait_ms > 0 => {
@@ -1131,7 +1131,7 @@ pub fn read_only(store: &dyn Store, request: &Request) -> Option<Reply> {
             check_peer(user, peer).and_then(|()| page(store, &social::chat_stream(user, peer), None, *before, *limit))
         }
         Request::Feed { user, before, limit } => page(store, &social::feed_stream(user), None, *before, *limit),
-        Request::StreamRead { stream, after, before, limit, wait_ms: 0 } => {
+        Request::StreamRead { stream, after, before, limit, wait_ms: 0, .. } => {
             page(store, stream, *after, *before, *limit)
         }
         _ => return None,

@@ -666,12 +666,14 @@ impl Replicas {
         self.parts.get(&part).map(|p| &p.conf)
     }
 
-    /// How many partitions this node serves as primary, and how many name it in their conf.
-    pub fn counts(&self) -> (usize, usize) {
+    /// How many partitions this node serves as primary, votes in, and learns (a ghost's
+    /// partitions, or a newcomer's before it caught up).
+    pub fn counts(&self) -> (usize, usize, usize) {
         let me = self.config.node.as_str();
         let serving = self.parts.values().filter(|p| p.serving()).count();
-        let member = self.parts.values().filter(|p| p.conf.member(me).is_some()).count();
-        (serving, member)
+        let voter = self.parts.values().filter(|p| p.conf.member(me).is_some_and(|m| m.voter)).count();
+        let learner = self.parts.values().filter(|p| p.conf.member(me).is_some_and(|m| !m.voter)).count();
+        (serving, voter, learner)
     }
 
     /// Replaces the membership view (this node included).
@@ -755,6 +757,21 @@ impl Replicas {
     fn desired(&self, part: Partition) -> Vec<String> {
         let live = self.view.values().filter(|v| !v.down).map(|v| (v.node.as_str(), v.weight_milli));
         placement::rank(part, live).into_iter().take(self.config.replicas).map(String::from).collect()
+    }
+
+    /// Ghosts (live members at weight 0) that would hold `part` at full weight: they follow
+    /// its log as learners, never vote, and are promoted like any learner once their weight
+    /// rises and placement wants them.
+    fn ghosts_for(&self, part: Partition) -> Vec<String> {
+        let full = |weight: u32| if weight == 0 { 1000 } else { weight };
+        let live = self.view.values().filter(|v| !v.down).map(|v| (v.node.as_str(), full(v.weight_milli)));
+        let ranked = placement::rank(part, live);
+        ranked
+            .into_iter()
+            .take(self.config.replicas)
+            .filter(|n| self.view.get(*n).is_some_and(|v| v.weight_milli == 0))
+            .map(String::from)
+            .collect()
     }
 
     fn persist(&mut self, batch: WriteBatch, done: Done) {
@@ -1291,13 +1308,15 @@ impl Replicas {
             self.step_down(part, now_ms); // The adopted conf does not count this node.
             return;
         }
+        let weights: BTreeMap<&str, u32> = all.iter().map(|(n, _, _)| (n.as_str(), self.weight(n))).collect();
         let p = self.parts.get_mut(&part).expect("exists");
         let Role::Candidate(c) = std::mem::replace(&mut p.role, Role::Follower) else { unreachable!() };
         let epoch = c.epoch;
         let mut conf = p.conf.clone();
         if conf.members.is_empty() {
-            // A partition's first epoch: the top R of those who promised become its voters.
-            let ranked = placement::rank(part, all.iter().map(|(n, _, _)| (n.as_str(), 1000)));
+            // A partition's first epoch: the top R of those who promised become its voters,
+            // by weight (a ghost only if too few others promised; rebalancing moves it out).
+            let ranked = placement::rank(part, weights.iter().map(|(n, w)| (*n, *w)));
             conf.members = ranked
                 .into_iter()
                 .take(self.config.replicas)
@@ -1800,11 +1819,13 @@ impl Replicas {
     }
 
     /// One conf change at a time, once the previous one committed: promote a caught-up
-    /// learner, drop a surplus, wiped or unwanted voter, drop a stale learner, or add the
-    /// member placement wants as a learner (it streams the log before it may vote).
+    /// learner, drop a surplus, wiped or unwanted voter, drop a stale learner, add the
+    /// member placement wants as a learner (it streams the log before it may vote), or add
+    /// a ghost as a learner that stays one.
     fn rebalance(&mut self, now_ms: u64, part: Partition) {
         let me = self.config.node.clone();
         let desired = self.desired(part);
+        let ghosts = self.ghosts_for(part);
         let replicas = self.config.replicas;
         let w = self.config.write_quorum;
         let p = &self.parts[&part];
@@ -1816,6 +1837,7 @@ impl Replicas {
         let wiped = |m: &Member| pr.wiped.contains(&m.node);
         let bad = |m: &Member| m.node != me && (!up(&m.node) || wiped(m));
         let unwanted = |m: &Member| !desired.contains(&m.node);
+        let ghost = |m: &Member| ghosts.contains(&m.node);
         let voters: Vec<&Member> = p.conf.voters().collect();
         let learners: Vec<&Member> = p.conf.members.iter().filter(|m| !m.voter).collect();
         let needs_voter = voters.len() < replicas || voters.iter().any(|m| bad(m) || unwanted(m));
@@ -1841,10 +1863,12 @@ impl Replicas {
             if !removable(&next) {
                 return;
             }
-        } else if let Some(stale) = learners.iter().find(|m| bad(m) || unwanted(m)) {
+        } else if let Some(stale) = learners.iter().find(|m| bad(m) || (unwanted(m) && !ghost(m))) {
             next.members.retain(|m| m.node != stale.node);
-        } else if needs_voter && learners.is_empty() {
+        } else if needs_voter && learners.iter().all(|m| ghost(m)) {
             let Some(node) = desired.iter().find(|n| conf.member(n).is_none()) else { return };
+            next.members.push(Member { node: node.clone(), storage: 0, voter: false });
+        } else if let Some(node) = ghosts.iter().find(|n| conf.member(n).is_none()) {
             next.members.push(Member { node: node.clone(), storage: 0, voter: false });
         } else {
             return;
