@@ -22,17 +22,44 @@ pub use service::NodeService;
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.store {
         StoreKind::Mem => Arc::new(store::mem::MemStore::new()),
-        StoreKind::Rocksdb => {
-            std::fs::create_dir_all(&config.data_dir)
-                .with_context(|| format!("create {}", config.data_dir.display()))?;
-            let options = store::rocks::RocksOptions {
-                max_open_files: config.rocksdb_max_open_files,
-                group_delay_us: config.group_commit_delay_us,
-                ..Default::default()
-            };
-            Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?)
-        }
+        StoreKind::Rocksdb => open_rocksdb(config)?,
+        StoreKind::Fdb => open_fdb(config)?,
     })
+}
+
+#[cfg(feature = "rocksdb")]
+fn open_rocksdb(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create {}", config.data_dir.display()))?;
+    let options = store::rocks::RocksOptions {
+        max_open_files: config.rocksdb_max_open_files,
+        group_delay_us: config.group_commit_delay_us,
+        ..Default::default()
+    };
+    Ok(Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?))
+}
+
+#[cfg(not(feature = "rocksdb"))]
+fn open_rocksdb(_config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    anyhow::bail!("this griddle was built without RocksDB (cargo feature rocksdb): use --store fdb or --store mem")
+}
+
+#[cfg(feature = "fdb")]
+fn open_fdb(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let options = store::fdb::FdbOptions {
+        cluster_file: config.fdb_cluster_file.clone(),
+        prefix: config.fdb_prefix.clone(),
+        ..Default::default()
+    };
+    let store = store::fdb::FdbStore::open(options)
+        .with_context(|| format!("open FoundationDB (cluster file {:?})", config.fdb_cluster_file))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "fdb"))]
+fn open_fdb(_config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    anyhow::bail!(
+        "this griddle was built without FoundationDB: build it with `--features fdb` (and libfdb_c installed)"
+    )
 }
 
 pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
