@@ -16,7 +16,7 @@ use store::Store;
 use tokio::net::TcpListener;
 
 pub use config::{Config, Overrides, StoreKind};
-pub use driver::Driver;
+pub use driver::{Driver, Routing};
 pub use service::NodeService;
 
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
@@ -83,16 +83,21 @@ pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
 /// long-polls with their cursors and returns. The store is closed when the last handle drops.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let store = open_store(&config)?;
+    // A shared store (FoundationDB) keeps the copies itself, but each stream still needs one
+    // sequencer: its partition's primary.
+    let shared = config.store == StoreKind::Fdb;
     let core_config = node_core::Config {
         cursor_key: config.cursor_secret.as_bytes().to_vec(),
         waiters_max: config.long_polls_max,
         seed: clock::seed(),
-        partitions: (config.replicas > 1).then_some(config.partitions),
+        partitions: (config.replicas > 1 || shared).then_some(config.partitions),
         ..Default::default()
     };
     let core =
         node_core::NodeCore::new(core_config, store.clone(), clock::now_ms()).context("recover the node core")?;
-    let replicas = if config.replicas > 1 {
+    let routing = if shared {
+        Routing::Shared { joins: !config.join.is_empty() }
+    } else if config.replicas > 1 {
         let repl_config = node_core::repl::Config {
             partitions: config.partitions,
             replicas: config.replicas,
@@ -103,11 +108,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         };
         let machine = node_core::repl::Replicas::new(repl_config, store.clone(), clock::now_ms())
             .context("recover the replicated partitions")?;
-        Some(machine)
+        Routing::Replicated(Box::new(machine))
     } else {
-        None
+        Routing::Local
     };
-    let driver = Driver::start(core, store, replicas, config.node_id.clone(), config.partitions);
+    let driver = Driver::start(core, store, routing, config.node_id.clone(), config.partitions);
     let http_addr = listener.local_addr()?;
     let weak = Arc::downgrade(&driver);
     let handler: gossip::quic::Handler = Arc::new(move |from, body| {
