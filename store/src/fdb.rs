@@ -139,7 +139,7 @@ impl Default for FdbOptions {
 /// it a second time in the same process, so a process that opens stores one after another
 /// (tests) keeps a handle for its whole life.
 #[derive(Clone)]
-pub struct FdbNetwork(#[allow(dead_code)] Arc<NetworkThread>);
+pub struct FdbNetwork(Arc<NetworkThread>);
 
 struct NetworkThread {
     stop: Option<foundationdb::api::NetworkStop>,
@@ -148,6 +148,8 @@ struct NetworkThread {
 
 enum NetworkSlot {
     Never,
+    /// Starting failed; the C client allows no second try in this process.
+    Failed(String),
     Running(Weak<NetworkThread>),
 }
 
@@ -157,13 +159,28 @@ impl FdbNetwork {
     /// The running network, started now if this process never started it.
     pub fn start() -> Result<FdbNetwork, StoreError> {
         let mut slot = NETWORK.lock();
-        if let NetworkSlot::Running(weak) = &*slot {
-            return weak.upgrade().map(FdbNetwork).ok_or_else(|| {
-                StoreError::Failed(
-                    "FoundationDB's client network was stopped in this process and cannot start again".into(),
-                )
-            });
+        match &*slot {
+            NetworkSlot::Never => {}
+            NetworkSlot::Failed(error) => return Err(StoreError::Failed(error.clone())),
+            NetworkSlot::Running(weak) => {
+                return weak.upgrade().map(FdbNetwork).ok_or_else(|| {
+                    StoreError::Failed(
+                        "FoundationDB's client network was stopped in this process and cannot start again".into(),
+                    )
+                })
+            }
         }
+        let booted = FdbNetwork::boot();
+        *slot = match &booted {
+            Ok(network) => NetworkSlot::Running(Arc::downgrade(&network.0)),
+            Err(error) => NetworkSlot::Failed(error.to_string()),
+        };
+        booted
+    }
+
+    /// Selects the API version and runs the network thread: at most once per process,
+    /// whatever the outcome (the crate panics on a second selection of the API version).
+    fn boot() -> Result<FdbNetwork, StoreError> {
         let failed = |e: FdbError| StoreError::Failed(format!("start FoundationDB's client network: {e}"));
         let (runner, wait) =
             foundationdb::api::FdbApiBuilder::default().build().map_err(failed)?.build().map_err(failed)?;
@@ -176,9 +193,7 @@ impl FdbNetwork {
                 }
             })
             .map_err(|e| StoreError::Failed(format!("spawn FoundationDB's network thread: {e}")))?;
-        let running = Arc::new(NetworkThread { stop: Some(wait.wait()), thread: Some(thread) });
-        *slot = NetworkSlot::Running(Arc::downgrade(&running));
-        Ok(FdbNetwork(running))
+        Ok(FdbNetwork(Arc::new(NetworkThread { stop: Some(wait.wait()), thread: Some(thread) })))
     }
 }
 
