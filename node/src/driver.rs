@@ -127,11 +127,13 @@ impl Shared {
     }
 
     /// Takes the mesh's current view; tells the core about every partition it gained or lost.
-    fn refresh(&mut self, mesh: &Mesh, me: &str, core: &mut NodeCore) {
+    /// Connections to members now down are closed, so requests forwarded to them fail at once
+    /// instead of waiting for QUIC's idle timeout (as with replication).
+    fn refresh(&mut self, mesh: &Arc<Mesh>, me: &str, core: &mut NodeCore) {
         let joined = !self.joins || mesh.is_active();
-        let mut view: Vec<(String, u32)> = mesh
-            .members()
-            .into_iter()
+        let members = mesh.members();
+        let mut view: Vec<(String, u32)> = members
+            .iter()
             .filter(|(_, state)| joined && *state != MemberState::Down)
             .map(|(member, _)| (member.id.to_string(), u32::from(member.weight_milli)))
             .collect();
@@ -139,6 +141,13 @@ impl Shared {
         view.dedup_by(|a, b| a.0 == b.0);
         if view == self.view {
             return;
+        }
+        let was_live = |id: &str| self.view.iter().any(|(node, _)| node == id);
+        for (member, _) in members.iter().filter(|(m, state)| *state == MemberState::Down && was_live(m.id.as_str())) {
+            if !view.iter().any(|(node, _)| *node == member.id.as_str()) {
+                let (mesh, id) = (mesh.clone(), member.id.clone());
+                tokio::spawn(async move { mesh.close_connection(&id).await });
+            }
         }
         for part in 0..self.partitions {
             let ranked = placement::rank(part, view.iter().map(|(node, weight)| (node.as_str(), *weight)));
