@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub jwt_secret: Option<String>,
     pub cursor_secret: Option<String>,
     pub store: Option<String>,
+    pub fdb_cluster_file: Option<PathBuf>,
+    pub fdb_prefix: Option<String>,
     pub cors_origins: Option<Vec<String>>,
     pub ops_allow: Option<Vec<String>>,
     pub long_polls_max: Option<usize>,
@@ -57,7 +59,12 @@ impl FileConfig {
 pub enum StoreKind {
     Rocksdb,
     Mem,
+    /// FoundationDB, shared by every node (needs the `fdb` feature to open).
+    Fdb,
 }
+
+/// Longest FoundationDB key prefix we accept, in bytes.
+pub const FDB_PREFIX_LEN_MAX: usize = 64;
 
 /// Everything a node needs, resolved.
 #[derive(Clone, Debug)]
@@ -71,6 +78,11 @@ pub struct Config {
     pub jwt_secret: String,
     pub cursor_secret: String,
     pub store: StoreKind,
+    /// With `--store fdb`: the cluster file (`None`: FoundationDB's default).
+    pub fdb_cluster_file: Option<PathBuf>,
+    /// With `--store fdb`: the first element of every key; every node of one Griddle cluster
+    /// uses the same, and clusters sharing a FoundationDB use different ones.
+    pub fdb_prefix: String,
     pub cors_origins: Vec<String>,
     pub ops_allow: Vec<String>,
     pub long_polls_max: usize,
@@ -122,9 +134,13 @@ pub struct Overrides {
     /// Development mode: built-in secret, /v1/dev/token, loopback only.
     #[arg(long, env = "GRIDDLE_DEV")]
     pub dev: bool,
-    /// Storage backend: rocksdb (default) or mem (nothing survives a restart).
+    /// Storage backend: rocksdb (default), mem (nothing survives a restart) or fdb
+    /// (FoundationDB, shared by every node; needs a griddle built with the fdb feature).
     #[arg(long, env = "GRIDDLE_STORE")]
     pub store: Option<String>,
+    /// With --store fdb: the FoundationDB cluster file (default: FoundationDB's own default).
+    #[arg(long, env = "GRIDDLE_FDB_CLUSTER_FILE")]
+    pub fdb_cluster_file: Option<PathBuf>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "GRIDDLE_LOG_JSON")]
     pub log_json: bool,
@@ -186,8 +202,17 @@ impl Config {
         let store = match flags.store.clone().or(file.store).as_deref().unwrap_or("rocksdb") {
             "rocksdb" => StoreKind::Rocksdb,
             "mem" => StoreKind::Mem,
-            other => bail!("store must be rocksdb or mem, got {other:?}"),
+            "fdb" => StoreKind::Fdb,
+            other => bail!("store must be rocksdb, mem or fdb, got {other:?}"),
         };
+        let fdb_cluster_file = flags.fdb_cluster_file.clone().or(file.fdb_cluster_file);
+        if fdb_cluster_file.is_some() && store != StoreKind::Fdb {
+            bail!("fdb_cluster_file is set but the store is not fdb: add --store fdb, or drop the cluster file");
+        }
+        let fdb_prefix = file.fdb_prefix.unwrap_or_else(|| "griddle".to_owned());
+        if fdb_prefix.is_empty() || fdb_prefix.len() > FDB_PREFIX_LEN_MAX {
+            bail!("fdb_prefix must be 1-{FDB_PREFIX_LEN_MAX} bytes, got {fdb_prefix:?}");
+        }
         let log_json = flags.log_json || file.log_format.as_deref() == Some("json");
         if certs.is_none() && !dev {
             bail!("give --certs DIR (made by `griddle cluster init` and `griddle cluster issue`), or use --dev");
@@ -205,6 +230,10 @@ impl Config {
             bail!("mesh_probe_rtt_ms must be above 0 and below mesh_probe_period_ms");
         }
         let replicas = flags.replicas.or(file.replicas).unwrap_or(1);
+        if store == StoreKind::Fdb && replicas != 1 {
+            // FoundationDB keeps the copies; a second layer of replicas would only slow writes.
+            bail!("with the fdb store, FoundationDB keeps the copies: leave replicas at 1 (got {replicas})");
+        }
         let write_quorum = file.write_quorum.unwrap_or(replicas.min(2));
         if replicas == 0 || write_quorum == 0 || write_quorum > replicas {
             bail!("replicas must be at least 1 and write_quorum 1..=replicas (got {replicas} and {write_quorum})");
@@ -232,6 +261,8 @@ impl Config {
             jwt_secret,
             cursor_secret,
             store,
+            fdb_cluster_file,
+            fdb_prefix,
             cors_origins: file.cors_origins.unwrap_or_default(),
             ops_allow: file.ops_allow.unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]),
             long_polls_max: file.long_polls_max.unwrap_or(19_000),
@@ -248,5 +279,50 @@ impl Config {
             partitions,
             bootstrap_expect: flags.bootstrap_expect.or(file.bootstrap_expect).unwrap_or(replicas).max(replicas),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resolves a `--dev` node with `flags` and the TOML `file`; the store settings, or the
+    /// start of the error.
+    fn check(flags: Overrides, file: &str, expected: Result<(StoreKind, Option<&str>, &str), &str>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("griddle.toml");
+        std::fs::write(&path, file).unwrap();
+        let flags = Overrides { config: Some(path), dev: true, ..flags };
+        let got = Config::resolve(&flags)
+            .map(|c| (c.store, c.fdb_cluster_file.map(|p| p.display().to_string()), c.fdb_prefix))
+            .map_err(|e| e.to_string());
+        match (got, expected) {
+            (Ok((store, file, prefix)), Ok(want)) => assert_eq!((store, file.as_deref(), prefix.as_str()), want),
+            (Err(error), Err(want)) => assert!(error.starts_with(want), "{error:?} should start with {want:?}"),
+            (got, want) => panic!("got {got:?}, expected {want:?}"),
+        }
+    }
+
+    fn store(name: &str) -> Overrides {
+        Overrides { store: Some(name.into()), ..Overrides::default() }
+    }
+
+    #[test]
+    fn store_settings() {
+        check(Overrides::default(), "", Ok((StoreKind::Rocksdb, None, "griddle")));
+        check(store("mem"), "", Ok((StoreKind::Mem, None, "griddle")));
+        check(store("fdb"), "", Ok((StoreKind::Fdb, None, "griddle")));
+        let with_file = Overrides { fdb_cluster_file: Some("/etc/fdb.cluster".into()), ..store("fdb") };
+        check(with_file, "", Ok((StoreKind::Fdb, Some("/etc/fdb.cluster"), "griddle")));
+        check(
+            Overrides::default(),
+            "store = \"fdb\"\nfdb_cluster_file = \"/x/fdb.cluster\"\nfdb_prefix = \"eu\"\n",
+            Ok((StoreKind::Fdb, Some("/x/fdb.cluster"), "eu")),
+        );
+        check(store("sqlite"), "", Err("store must be rocksdb, mem or fdb"));
+        let misplaced = Overrides { fdb_cluster_file: Some("/etc/fdb.cluster".into()), ..Overrides::default() };
+        check(misplaced, "", Err("fdb_cluster_file is set but the store is not fdb"));
+        check(Overrides { replicas: Some(3), ..store("fdb") }, "", Err("with the fdb store, FoundationDB keeps"));
+        check(store("fdb"), "fdb_prefix = \"\"\n", Err("fdb_prefix must be 1-64 bytes"));
     }
 }

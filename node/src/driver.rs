@@ -13,8 +13,21 @@
 //! their requests with 503), its messages travel over the mesh (`[TAG_REPL]` frames), and a
 //! request whose partition another node serves is forwarded there (`[TAG_FORWARD]`, the
 //! request as JSON) and answered from there. A forwarded request is never forwarded again.
+//!
+//! With a shared store (FoundationDB, [`Routing::Shared`]) nothing is replicated here: the
+//! store keeps the copies. Each partition's primary is simply the top live member by
+//! rendezvous rank in this node's view of the mesh (recomputed when the view changes); it
+//! sequences the partition's streams and commits straight to the store, and requests are
+//! forwarded to it exactly as with replication, so long-polls still wait, and are woken, at
+//! the node that sequences their streams. Reads need no barrier: every store read is a fresh
+//! FoundationDB transaction. A node that was told to join serves no partition until it has
+//! joined. Two nodes whose views disagree may still both sequence a stream for a moment; the
+//! store then refuses the one whose head is stale (never a gap or an overwrite, a definite
+//! `Failed`), and that node abandons its batches in flight for the partition (503: clients
+//! retry with the same ids) and reads the heads afresh. A write whose outcome is unknown
+//! (`Uncertain`) still stops the node, as with any store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -69,6 +82,116 @@ struct Inner {
     replies: HashMap<RequestId, oneshot::Sender<Reply>>,
     next_request: u64,
     repl: Option<Replication>,
+    shared: Option<Shared>,
+}
+
+/// How a node's partitions are kept.
+pub enum Routing {
+    /// Every node keeps its own data; nothing is partitioned or forwarded (`--replicas 1` on a
+    /// store of its own).
+    Local,
+    /// Partitions replicated by the nodes themselves (`--replicas` above 1).
+    Replicated(Box<Replicas>),
+    /// Partitions whose data a store shared by every node keeps (FoundationDB): the top live
+    /// member by rendezvous rank sequences each, and commits straight to the store. `joins`:
+    /// this node was told to join a mesh (it places nothing before it has).
+    Shared { joins: bool },
+}
+
+/// Placement without replication, for a shared store.
+struct Shared {
+    partitions: u32,
+    /// This node was told to join a mesh: it places nothing until it has joined, or it would
+    /// take itself for the primary of every partition.
+    joins: bool,
+    /// Live members (node id, weight) as last seen; the primaries below follow from it.
+    view: Vec<(String, u32)>,
+    /// Each partition's primary in that view (`None`: no live member of weight above 0).
+    primaries: Vec<Option<String>>,
+    /// Partitions sequenced here: those whose primary is this node.
+    served: BTreeSet<Partition>,
+    /// The core's batches handed to the store and not yet completed, with their partition.
+    in_flight: BTreeMap<BatchId, Option<Partition>>,
+    /// Batches already abandoned in the core: their completions are dropped.
+    dropped: BTreeSet<BatchId>,
+}
+
+impl Shared {
+    fn new(partitions: u32, joins: bool) -> Shared {
+        Shared {
+            partitions,
+            joins,
+            view: Vec::new(),
+            primaries: vec![None; partitions as usize],
+            served: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
+            dropped: BTreeSet::new(),
+        }
+    }
+
+    /// Takes the mesh's current view; tells the core about every partition it gained or lost.
+    /// Connections to members now down are closed, so requests forwarded to them fail at once
+    /// instead of waiting for QUIC's idle timeout (as with replication).
+    fn refresh(&mut self, mesh: &Arc<Mesh>, me: &str, core: &mut NodeCore) {
+        let joined = !self.joins || mesh.is_active();
+        let members = mesh.members();
+        let mut view: Vec<(String, u32)> = members
+            .iter()
+            .filter(|(_, state)| joined && *state != MemberState::Down)
+            .map(|(member, _)| (member.id.to_string(), u32::from(member.weight_milli)))
+            .collect();
+        view.sort();
+        view.dedup_by(|a, b| a.0 == b.0);
+        if view == self.view {
+            return;
+        }
+        let was_live = |id: &str| self.view.iter().any(|(node, _)| node == id);
+        for (member, _) in members.iter().filter(|(m, state)| *state == MemberState::Down && was_live(m.id.as_str())) {
+            if !view.iter().any(|(node, _)| *node == member.id.as_str()) {
+                let (mesh, id) = (mesh.clone(), member.id.clone());
+                tokio::spawn(async move { mesh.close_connection(&id).await });
+            }
+        }
+        for part in 0..self.partitions {
+            let ranked = placement::rank(part, view.iter().map(|(node, weight)| (node.as_str(), *weight)));
+            let primary = ranked.first().map(|node| node.to_string());
+            let here = primary.as_deref() == Some(me);
+            if here != self.served.contains(&part) {
+                tracing::debug!(part, serving = here, "primary (shared store)");
+                core.serving(part, here);
+                if here {
+                    self.served.insert(part);
+                } else {
+                    self.served.remove(&part);
+                }
+            }
+            self.primaries[part as usize] = primary;
+        }
+        self.view = view;
+    }
+
+    /// A batch of the core's is durable, or failed. A definite failure (the store refused it:
+    /// another node moved its stream, or it could not be written at all) abandons it and every
+    /// later batch of its partition still in flight, whose versions may continue it; anything
+    /// else goes to the core as it is (an uncertain write stops the node).
+    fn completed(&mut self, now: u64, core: &mut NodeCore, batch: BatchId, result: Result<(), StoreError>) {
+        let part = self.in_flight.remove(&batch).flatten();
+        if self.dropped.remove(&batch) {
+            return;
+        }
+        let (Err(StoreError::Failed(reason)), Some(part)) = (&result, part) else {
+            core.persisted(now, batch, result);
+            return;
+        };
+        tracing::warn!(part, %reason, "the shared store refused a batch; abandoning the partition's batches in flight");
+        core.abandoned(now, batch);
+        let later: Vec<BatchId> =
+            self.in_flight.range(batch..).filter(|(_, p)| **p == Some(part)).map(|(b, _)| *b).collect();
+        for later in later {
+            core.abandoned(now, later);
+            self.dropped.insert(later);
+        }
+    }
 }
 
 struct Replication {
@@ -84,15 +207,23 @@ struct Replication {
 
 impl Driver {
     /// Starts the driver's two tasks (store completions, timer) on the current runtime.
-    /// `replicas`: the replication machine, when partitions are replicated.
+    /// `routing`: how partitions are kept (with `Replicated`, the replication machine).
     pub fn start(
         core: NodeCore,
         store: Arc<dyn Store>,
-        replicas: Option<Replicas>,
+        routing: Routing,
         node_id: String,
         partitions: u32,
     ) -> Arc<Driver> {
         let (completions, mut completed) = mpsc::unbounded_channel();
+        let shared = match routing {
+            Routing::Shared { joins } => Some(Shared::new(partitions, joins)),
+            Routing::Local | Routing::Replicated(_) => None,
+        };
+        let replicas = match routing {
+            Routing::Replicated(machine) => Some(*machine),
+            Routing::Local | Routing::Shared { .. } => None,
+        };
         let repl = replicas.map(|machine| Replication {
             machine,
             partitions,
@@ -102,7 +233,7 @@ impl Driver {
             reads: HashMap::new(),
         });
         let driver = Arc::new(Driver {
-            inner: Mutex::new(Inner { core, replies: HashMap::new(), next_request: 0, repl }),
+            inner: Mutex::new(Inner { core, replies: HashMap::new(), next_request: 0, repl, shared }),
             store,
             completions,
             mesh: OnceLock::new(),
@@ -152,6 +283,10 @@ impl Driver {
                 let mut inner = driver.inner.lock();
                 let now = now_ms();
                 inner.core.tick(now);
+                let Inner { core, shared, .. } = &mut *inner;
+                if let (Some(shared), Some(mesh)) = (shared, driver.mesh.get()) {
+                    shared.refresh(mesh, &driver.node_id, core);
+                }
                 if let Some(repl) = &mut inner.repl {
                     if let Some(mesh) = driver.mesh.get() {
                         let view = view_of(mesh);
@@ -266,9 +401,11 @@ impl Driver {
         let waited = now_ms() + PRIMARY_WAIT_MS;
         let mut forward_failed = false;
         loop {
-            let (serving, hint) = {
+            let (serving, hint) = if let Some(placed) = self.shared_primary(part) {
+                placed
+            } else {
                 let mut inner = self.inner.lock();
-                let repl = inner.repl.as_mut().expect("partition_of is Some only when replicating");
+                let repl = inner.repl.as_mut().expect("partition_of is Some only when partitioned");
                 let serving = repl.machine.is_serving(part);
                 let mut hint = repl.machine.primary_hint(part);
                 // Ask for a primary here only when nobody else is known to lead, the one
@@ -283,8 +420,10 @@ impl Driver {
                 (serving, hint)
             };
             // A read is served once a heartbeat round confirmed this node still leads the
-            // partition (ReadIndex): a deposed primary never answers from stale data.
-            if serving && (!is_read(&request) || self.read_barrier(part).await) {
+            // partition (ReadIndex): a deposed primary never answers from stale data. A shared
+            // store needs no barrier: each of its reads sees everything committed before it.
+            let shared = self.inner.lock().shared.is_some();
+            if serving && (shared || !is_read(&request) || self.read_barrier(part).await) {
                 return self.run(request).await;
             }
             let mesh = self.mesh.get().cloned();
@@ -303,6 +442,23 @@ impl Driver {
         }
     }
 
+    /// With a shared store: whether this node sequences `part`, and its primary (`None` for a
+    /// node that is not partitioned that way). Takes a fresh look at the mesh when no primary
+    /// is known yet (just started).
+    fn shared_primary(&self, part: Partition) -> Option<(bool, Option<String>)> {
+        let mut inner = self.inner.lock();
+        let Inner { core, shared, .. } = &mut *inner;
+        let shared = shared.as_mut()?;
+        if shared.primaries[part as usize].is_none() {
+            if let Some(mesh) = self.mesh.get() {
+                shared.refresh(mesh, &self.node_id, core);
+            }
+        }
+        let placed = (shared.served.contains(&part), shared.primaries[part as usize].clone());
+        self.pump(inner);
+        Some(placed)
+    }
+
     /// Waits for a read barrier on `part`; false if this node stopped leading it first.
     async fn read_barrier(&self, part: Partition) -> bool {
         let rx = {
@@ -317,10 +473,17 @@ impl Driver {
         matches!(tokio::time::timeout(Duration::from_millis(PRIMARY_WAIT_MS), rx).await, Ok(Ok(true)))
     }
 
-    /// The replicated partition a request belongs to (`None` when nothing is replicated, or
-    /// for requests any node answers).
+    /// The partition a request belongs to (`None` when nothing is partitioned, or for
+    /// requests any node answers).
     fn partition_of(&self, request: &Request) -> Option<Partition> {
-        let partitions = self.inner.lock().repl.as_ref()?.partitions;
+        let partitions = {
+            let inner = self.inner.lock();
+            match (&inner.repl, &inner.shared) {
+                (Some(repl), _) => repl.partitions,
+                (None, Some(shared)) => shared.partitions,
+                (None, None) => return None,
+            }
+        };
         Some(placement::partition_of(&request.route()?, partitions))
     }
 
@@ -526,10 +689,16 @@ impl Driver {
         self.stopped.load(Ordering::Relaxed)
     }
 
-    /// Partitions served here as primary, voted in and learned here (`None` without
-    /// replication).
+    /// Partitions served here as primary, voted in and learned here (`None` when nothing
+    /// is partitioned; with a shared store the first two are the partitions this node
+    /// sequences).
     pub fn partition_counts(&self) -> Option<(usize, usize, usize)> {
-        self.inner.lock().repl.as_ref().map(|r| r.machine.counts())
+        let inner = self.inner.lock();
+        match (&inner.repl, &inner.shared) {
+            (Some(repl), _) => Some(repl.machine.counts()),
+            (None, Some(shared)) => Some((shared.served.len(), shared.served.len(), 0)),
+            (None, None) => None,
+        }
     }
 
     pub fn long_polls_held(&self) -> usize {
@@ -573,7 +742,10 @@ impl Drop for Pending<'_> {
 impl Inner {
     fn completed(&mut self, now: u64, done: Completed) {
         match done {
-            Completed::Core(batch, result) => self.core.persisted(now, batch, result),
+            Completed::Core(batch, result) => match &mut self.shared {
+                Some(shared) => shared.completed(now, &mut self.core, batch, result),
+                None => self.core.persisted(now, batch, result),
+            },
             Completed::Repl(id, result) => {
                 if let Some(repl) = &mut self.repl {
                     repl.machine.persisted(now, id, result);
@@ -585,6 +757,9 @@ impl Inner {
     /// A batch the core sequenced: straight to the store, or proposed to its partition's log.
     fn persist_core(&mut self, driver: &Driver, batch: BatchId, writes: WriteBatch) {
         let Some(repl) = &mut self.repl else {
+            if let Some(shared) = &mut self.shared {
+                shared.in_flight.insert(batch, batch_partition(&writes, shared.partitions));
+            }
             let completions = driver.completions.clone();
             driver.store.append(writes, Box::new(move |r| drop(completions.send(Completed::Core(batch, r)))));
             return;

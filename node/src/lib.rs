@@ -18,7 +18,7 @@ use store::Store;
 use tokio::net::TcpListener;
 
 pub use config::{Config, Overrides, StoreKind};
-pub use driver::Driver;
+pub use driver::{Driver, Routing};
 pub use service::NodeService;
 
 /// How long a graceful stop may take before the node exits anyway.
@@ -41,17 +41,44 @@ async fn graceful_stop(driver: &Driver, mesh: &gossip::quic::Mesh) {
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.store {
         StoreKind::Mem => Arc::new(store::mem::MemStore::new()),
-        StoreKind::Rocksdb => {
-            std::fs::create_dir_all(&config.data_dir)
-                .with_context(|| format!("create {}", config.data_dir.display()))?;
-            let options = store::rocks::RocksOptions {
-                max_open_files: config.rocksdb_max_open_files,
-                group_delay_us: config.group_commit_delay_us,
-                ..Default::default()
-            };
-            Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?)
-        }
+        StoreKind::Rocksdb => open_rocksdb(config)?,
+        StoreKind::Fdb => open_fdb(config)?,
     })
+}
+
+#[cfg(feature = "rocksdb")]
+fn open_rocksdb(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create {}", config.data_dir.display()))?;
+    let options = store::rocks::RocksOptions {
+        max_open_files: config.rocksdb_max_open_files,
+        group_delay_us: config.group_commit_delay_us,
+        ..Default::default()
+    };
+    Ok(Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?))
+}
+
+#[cfg(not(feature = "rocksdb"))]
+fn open_rocksdb(_config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    anyhow::bail!("this griddle was built without RocksDB (cargo feature rocksdb): use --store fdb or --store mem")
+}
+
+#[cfg(feature = "fdb")]
+fn open_fdb(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let options = store::fdb::FdbOptions {
+        cluster_file: config.fdb_cluster_file.clone(),
+        prefix: config.fdb_prefix.clone(),
+        ..Default::default()
+    };
+    let store = store::fdb::FdbStore::open(options)
+        .with_context(|| format!("open FoundationDB (cluster file {:?})", config.fdb_cluster_file))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "fdb"))]
+fn open_fdb(_config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    anyhow::bail!(
+        "this griddle was built without FoundationDB: build it with `--features fdb` (and libfdb_c installed)"
+    )
 }
 
 pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
@@ -75,16 +102,21 @@ pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
 /// long-polls with their cursors and returns. The store is closed when the last handle drops.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let store = open_store(&config)?;
+    // A shared store (FoundationDB) keeps the copies itself, but each stream still needs one
+    // sequencer: its partition's primary.
+    let shared = config.store == StoreKind::Fdb;
     let core_config = node_core::Config {
         cursor_key: config.cursor_secret.as_bytes().to_vec(),
         waiters_max: config.long_polls_max,
         seed: clock::seed(),
-        partitions: (config.replicas > 1).then_some(config.partitions),
+        partitions: (config.replicas > 1 || shared).then_some(config.partitions),
         ..Default::default()
     };
     let core =
         node_core::NodeCore::new(core_config, store.clone(), clock::now_ms()).context("recover the node core")?;
-    let replicas = if config.replicas > 1 {
+    let routing = if shared {
+        Routing::Shared { joins: !config.join.is_empty() }
+    } else if config.replicas > 1 {
         let repl_config = node_core::repl::Config {
             partitions: config.partitions,
             replicas: config.replicas,
@@ -95,11 +127,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         };
         let machine = node_core::repl::Replicas::new(repl_config, store.clone(), clock::now_ms())
             .context("recover the replicated partitions")?;
-        Some(machine)
+        Routing::Replicated(Box::new(machine))
     } else {
-        None
+        Routing::Local
     };
-    let driver = Driver::start(core, store, replicas, config.node_id.clone(), config.partitions);
+    let driver = Driver::start(core, store, routing, config.node_id.clone(), config.partitions);
     let http_addr = listener.local_addr()?;
     let weak = Arc::downgrade(&driver);
     let handler: gossip::quic::Handler = Arc::new(move |from, body| {

@@ -12,11 +12,14 @@
 //! - what was acknowledged survives closing and reopening the store.
 //!
 //! `mem` is the reference backend and the simulator's disk; `rocksdb` (default feature) is
-//! the production one. Neither depends on tokio: completions are plain callbacks.
+//! the production one; `fdb` (opt-in feature) keeps the data in a FoundationDB cluster that
+//! the nodes share. None depends on tokio: completions are plain callbacks.
 
 mod codec;
 pub mod cursor;
 mod error;
+#[cfg(feature = "fdb")]
+pub mod fdb;
 pub mod mem;
 mod model;
 #[cfg(feature = "rocksdb")]
