@@ -49,12 +49,24 @@ pub struct Identity {
     pub http_addr: SocketAddr,
     /// Placement weight in thousandths (1000 = full weight, 0 = ghost).
     pub weight_milli: u16,
-    /// Larger for later lives of the same node (its start time in milliseconds, then +1 per
-    /// renewal). 0 is reserved for [`Identity::seed`].
+    /// Larger for later lives of the same node: its start time in milliseconds shifted left
+    /// by 16, then +1 per renewal (a conflict, or a weight change). 0 is reserved for
+    /// [`Identity::seed`].
     pub bump: u64,
 }
 
 impl Identity {
+    /// The `bump` of a node started at `start_ms`.
+    pub fn first_bump(start_ms: u64) -> u64 {
+        start_ms << 16
+    }
+
+    /// Which life of the node this is: changes when the process restarts (its disk may have
+    /// changed), not when it renews its identity to change its weight.
+    pub fn life(&self) -> u64 {
+        self.bump >> 16
+    }
+
     /// A stand-in for a seed we know only by address: foca accepts an announce addressed to
     /// any identity with the receiver's address.
     pub fn seed(mesh_addr: SocketAddr) -> Identity {

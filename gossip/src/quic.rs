@@ -103,7 +103,26 @@ struct LinkBook {
 
 impl Links {
     fn add(&self, peer: &NodeId, connection: &Connection) {
-        self.0.lock().open.push((peer.clone(), connection.clone()));
+        let mut book = self.0.lock();
+        book.prune();
+        book.open.push((peer.clone(), connection.clone()));
+    }
+}
+
+impl LinkBook {
+    /// Moves closed connections' final byte counts into `closed`, so `open` stays small.
+    fn prune(&mut self) {
+        let closed = &mut self.closed;
+        self.open.retain(|(peer, connection)| {
+            if connection.close_reason().is_none() {
+                return true;
+            }
+            let stats = connection.stats();
+            let total = closed.entry(peer.clone()).or_default();
+            total.0 += stats.udp_tx.bytes;
+            total.1 += stats.udp_rx.bytes;
+            false
+        });
     }
 }
 
@@ -229,17 +248,8 @@ impl Mesh {
     /// Bytes and round-trip times per peer, over every mesh connection either way.
     pub fn link_stats(&self) -> Vec<LinkStats> {
         let mut book = self.links.0.lock();
+        book.prune();
         let LinkBook { open, closed } = &mut *book;
-        open.retain(|(peer, connection)| {
-            if connection.close_reason().is_none() {
-                return true;
-            }
-            let stats = connection.stats();
-            let total = closed.entry(peer.clone()).or_default();
-            total.0 += stats.udp_tx.bytes;
-            total.1 += stats.udp_rx.bytes;
-            false
-        });
         let mut by_peer: BTreeMap<NodeId, LinkStats> = closed
             .iter()
             .map(|(peer, (sent, received))| {
@@ -403,7 +413,7 @@ struct Driver {
     active: Arc<std::sync::atomic::AtomicBool>,
     events: broadcast::Sender<MemberEvent>,
     links: Links,
-    /// The identity (`bump`) each member was last seen up with.
+    /// The life (`Identity::life`) each member was last seen up in.
     up_bumps: HashMap<NodeId, u64>,
 }
 
@@ -476,7 +486,7 @@ impl Driver {
             match &event {
                 MemberEvent::Up(m) => {
                     tracing::info!(member = %m.id, addr = %m.mesh_addr, "mesh member up");
-                    if self.up_bumps.insert(m.id.clone(), m.bump).is_some_and(|bump| bump != m.bump) {
+                    if self.up_bumps.insert(m.id.clone(), m.life()).is_some_and(|life| life != m.life()) {
                         self.drop_peer(m.mesh_addr, "member restarted");
                     }
                 }

@@ -45,6 +45,7 @@ pub struct FileConfig {
     pub partitions: Option<u32>,
     pub bootstrap_expect: Option<usize>,
     pub weight: Option<f64>,
+    pub backup_dir: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -108,6 +109,8 @@ pub struct Config {
     /// Placement weight in thousandths (1000: a full share of partitions; 0: none). Raised
     /// live with `griddle weight`, so a new node can ramp up.
     pub weight_milli: u16,
+    /// Where `griddle backup` checkpoints go (each as a named directory).
+    pub backup_dir: PathBuf,
 }
 
 /// Values given on the command line or in the environment (clap reads both).
@@ -162,7 +165,24 @@ pub struct Overrides {
     pub weight: Option<f64>,
 }
 
+/// The JWT secret: `GRIDDLE_JWT_SECRET`, else the file's, else the development one with `dev`.
+fn jwt_secret(from_file: Option<String>, dev: bool) -> anyhow::Result<String> {
+    Ok(match std::env::var("GRIDDLE_JWT_SECRET").ok().or(from_file) {
+        Some(secret) if secret.len() >= 16 => secret,
+        Some(_) => bail!("jwt_secret must be at least 16 bytes"),
+        None if dev => DEV_SECRET.to_owned(),
+        None => bail!("set jwt_secret in the config file or GRIDDLE_JWT_SECRET (or use --dev)"),
+    })
+}
+
 impl Config {
+    /// Only the JWT secret of a config (what the operator commands sign their service token
+    /// with), without reading certificates or checking anything else a node needs.
+    pub fn secret_only(config: Option<&PathBuf>, dev: bool) -> anyhow::Result<String> {
+        let file = FileConfig::load(config)?;
+        jwt_secret(file.jwt_secret, dev || file.dev.unwrap_or(false))
+    }
+
     pub fn resolve(flags: &Overrides) -> anyhow::Result<Config> {
         let file = FileConfig::load(flags.config.as_ref())?;
         let dev = flags.dev || file.dev.unwrap_or(false);
@@ -185,13 +205,7 @@ impl Config {
         if !node_core::social::valid_user(&node_id) {
             bail!("node_id must be 1-64 of A-Z a-z 0-9 _ -, got {node_id:?}");
         }
-        let env_secret = std::env::var("GRIDDLE_JWT_SECRET").ok();
-        let jwt_secret = match env_secret.or(file.jwt_secret) {
-            Some(secret) if secret.len() >= 16 => secret,
-            Some(_) => bail!("jwt_secret must be at least 16 bytes"),
-            None if dev => DEV_SECRET.to_owned(),
-            None => bail!("set jwt_secret in the config file or GRIDDLE_JWT_SECRET (or use --dev)"),
-        };
+        let jwt_secret = jwt_secret(file.jwt_secret.clone(), dev)?;
         let cursor_secret = std::env::var("GRIDDLE_CURSOR_SECRET")
             .ok()
             .or(file.cursor_secret)
@@ -246,13 +260,16 @@ impl Config {
         if !(0.0..=1.0).contains(&weight) {
             bail!("weight must be 0..1 (got {weight})");
         }
+        let data_dir =
+            flags.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("griddle-data").join(&node_id));
         Ok(Config {
             weight_milli: (weight * 1000.0).round() as u16,
-            data_dir: flags
-                .data_dir
-                .clone()
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("griddle-data").join(&node_id)),
+            backup_dir: file.backup_dir.unwrap_or_else(|| {
+                let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
+                name.push("-backups");
+                data_dir.with_file_name(name)
+            }),
+            data_dir,
             node_id,
             http,
             mesh,

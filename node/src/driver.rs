@@ -39,7 +39,7 @@ use node_core::placement::{self, Partition};
 use node_core::repl::{self, Msg, Replicas};
 use node_core::{BatchId, NodeCore, Output};
 use parking_lot::{Mutex, MutexGuard};
-use store::{Store, StoreError, Version, WriteBatch};
+use store::{Store, StoreError, WriteBatch};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::clock::now_ms;
@@ -643,9 +643,11 @@ impl Driver {
                 if driver.is_stopped() {
                     return;
                 }
-                let after = match driver.inner.lock().core.flags_version() {
-                    Ok(version) => version,
-                    Err(_) => Version(0),
+                let known = driver.inner.lock().core.flags_version();
+                let Ok(after) = known else {
+                    drop(driver);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 };
                 let read = Request::StreamRead {
                     stream: node_core::social::flags_stream(),
@@ -814,7 +816,7 @@ fn view_of(mesh: &Mesh) -> Vec<repl::View> {
             node: member.id.to_string(),
             weight_milli: u32::from(member.weight_milli),
             down: state == MemberState::Down,
-            incarnation: member.bump,
+            incarnation: member.life(),
         })
         .collect()
 }

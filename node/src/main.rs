@@ -44,14 +44,14 @@ enum Command {
     /// Cluster-wide feature flags (A/B buckets by user id).
     #[command(subcommand)]
     Flags(FlagsCommand),
-    /// Take a consistent checkpoint of a running node's store into a new directory on its
-    /// machine.
+    /// Take a consistent checkpoint of a running node's store, as NAME in its `backup_dir`
+    /// (on the node's machine).
     Backup {
         #[command(flatten)]
         target: Target,
-        /// Directory to create (absolute, or relative to here; on the node's machine).
+        /// The backup's name: 1-64 of A-Z a-z 0-9 _ . - (not starting with a dot).
         #[arg(long)]
-        out: PathBuf,
+        name: String,
     },
     /// Start a node from a backup: copy it into the (new, empty) data directory, then serve.
     Restore {
@@ -85,14 +85,14 @@ struct Target {
 }
 
 impl Target {
-    /// The config, when one can be resolved (a secret is set or `--dev`).
-    fn config(&self) -> Option<Config> {
-        self.config_or_fail().ok()
+    /// The JWT secret, when one is configured (or `--dev`).
+    fn secret(&self) -> Option<String> {
+        self.secret_or_fail().ok()
     }
 
-    fn config_or_fail(&self) -> anyhow::Result<Config> {
-        let overrides = Overrides { config: self.config.clone(), dev: self.dev, ..Default::default() };
-        Config::resolve(&overrides).context("this command signs a service token: give --config (or --dev)")
+    fn secret_or_fail(&self) -> anyhow::Result<String> {
+        Config::secret_only(self.config.as_ref(), self.dev)
+            .context("this command signs a service token: give --config or GRIDDLE_JWT_SECRET (or --dev)")
     }
 }
 
@@ -149,24 +149,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { target } => {
-            print!("{}", node::ops::status(&target.addr, target.config().as_ref())?);
+            print!("{}", node::ops::status(&target.addr, target.secret().as_deref())?);
             Ok(())
         }
         Command::Flags(FlagsCommand::Set { target, name, percent }) => {
             if percent > 100 {
                 bail!("PERCENT is 0..100");
             }
-            node::ops::set_flag(&target.addr, &target.config_or_fail()?, &name, percent)?;
+            node::ops::set_flag(&target.addr, &target.secret_or_fail()?, &name, percent)?;
             println!("flag {name} set to {percent} %; it reaches every node and open tab within seconds");
             Ok(())
         }
         Command::Flags(FlagsCommand::List { target }) => {
-            let client = node::ops::Client::new(&target.addr, Some(&target.config_or_fail()?));
+            let client = node::ops::Client::new(&target.addr, Some(&target.secret_or_fail()?));
             println!("{}", serde_json::to_string_pretty(&client.get("/v1/flags")?)?);
             Ok(())
         }
-        Command::Backup { target, out } => {
-            let done = node::ops::backup(&target.addr, &target.config_or_fail()?, &out)?;
+        Command::Backup { target, name } => {
+            let done = node::ops::backup(&target.addr, &target.secret_or_fail()?, &name)?;
             println!("backup of {} in {} ({} bytes, {} ms)", target.addr, done["dir"], done["bytes"], done["millis"]);
             Ok(())
         }
@@ -180,7 +180,7 @@ fn main() -> anyhow::Result<()> {
             if !(0.0..=1.0).contains(&weight) {
                 bail!("WEIGHT is 0..1");
             }
-            let done = node::ops::set_weight(&target.addr, &target.config_or_fail()?, weight)?;
+            let done = node::ops::set_weight(&target.addr, &target.secret_or_fail()?, weight)?;
             println!("{} now has weight {}", done["node"], done["weight"]);
             Ok(())
         }

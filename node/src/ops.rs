@@ -20,12 +20,13 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(addr: &str, config: Option<&Config>) -> Client {
+    /// `secret`: the cluster's JWT secret, to sign a short-lived service token with.
+    pub fn new(addr: &str, secret: Option<&str>) -> Client {
         let base =
             if addr.starts_with("http://") { addr.trim_end_matches('/').to_string() } else { format!("http://{addr}") };
-        let token = config.map(|config| {
+        let token = secret.map(|secret| {
             let claims = web::auth::Claims { sub: "griddle-cli".into(), exp: clock::now_ms() / 1000 + 300, svc: true };
-            web::auth::mint(config.jwt_secret.as_bytes(), &claims)
+            web::auth::mint(secret.as_bytes(), &claims)
         });
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
         Client { base, token, agent }
@@ -57,8 +58,8 @@ impl Client {
 }
 
 /// `griddle status`: the mesh as one node sees it, and each live member's partitions.
-pub fn status(addr: &str, config: Option<&Config>) -> anyhow::Result<String> {
-    let cluster = Client::new(addr, config).get("/v1/cluster")?;
+pub fn status(addr: &str, secret: Option<&str>) -> anyhow::Result<String> {
+    let cluster = Client::new(addr, secret).get("/v1/cluster")?;
     let members = cluster["members"].as_array().cloned().unwrap_or_default();
     let parts = &cluster["partitions"];
     let mut out = String::new();
@@ -77,7 +78,7 @@ pub fn status(addr: &str, config: Option<&Config>) -> anyhow::Result<String> {
         let state = member["state"].as_str().unwrap_or("?");
         let http = member["http_addr"].as_str().unwrap_or("?");
         // Each member counts its own partitions: ask the live ones.
-        let own = if state == "down" { None } else { Client::new(http, config).get("/v1/cluster").ok() };
+        let own = if state == "down" { None } else { Client::new(http, secret).get("/v1/cluster").ok() };
         let field = |name: &str| own.as_ref().map_or("-".to_string(), |c| c["partitions"][name].to_string());
         rows.push(vec![
             member["id"].as_str().unwrap_or("?").to_string(),
@@ -104,17 +105,17 @@ pub fn status(addr: &str, config: Option<&Config>) -> anyhow::Result<String> {
     Ok(out)
 }
 
-pub fn set_flag(addr: &str, config: &Config, name: &str, percent: u8) -> anyhow::Result<Value> {
-    Client::new(addr, Some(config)).call("PUT", &format!("/v1/flags/{name}"), Some(json!({ "percent": percent })))
+pub fn set_flag(addr: &str, secret: &str, name: &str, percent: u8) -> anyhow::Result<Value> {
+    Client::new(addr, Some(secret)).call("PUT", &format!("/v1/flags/{name}"), Some(json!({ "percent": percent })))
 }
 
-pub fn backup(addr: &str, config: &Config, out: &Path) -> anyhow::Result<Value> {
-    let out = std::path::absolute(out).context("resolve --out")?;
-    Client::new(addr, Some(config)).call("POST", "/v1/admin/backup", Some(json!({ "dir": out.display().to_string() })))
+/// Asks the node for a checkpoint named `name` in its `backup_dir`.
+pub fn backup(addr: &str, secret: &str, name: &str) -> anyhow::Result<Value> {
+    Client::new(addr, Some(secret)).call("POST", "/v1/admin/backup", Some(json!({ "name": name })))
 }
 
-pub fn set_weight(addr: &str, config: &Config, weight: f64) -> anyhow::Result<Value> {
-    Client::new(addr, Some(config)).call("PUT", "/v1/admin/weight", Some(json!({ "weight": weight })))
+pub fn set_weight(addr: &str, secret: &str, weight: f64) -> anyhow::Result<Value> {
+    Client::new(addr, Some(secret)).call("PUT", "/v1/admin/weight", Some(json!({ "weight": weight })))
 }
 
 /// `griddle restore`: copies a backup into the node's (empty) data directory. With

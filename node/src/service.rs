@@ -13,25 +13,27 @@ pub struct NodeService {
     driver: Arc<Driver>,
     mesh: Arc<Mesh>,
     registry: prometheus_client::registry::Registry,
+    backup_dir: std::path::PathBuf,
+    backing_up: std::sync::atomic::AtomicBool,
     node_id: String,
     /// Whether this node was told to join others (then it is ready once it has).
     joins: bool,
     partitions: u32,
     replicas: u32,
-    write_quorum: usize,
 }
 
 impl NodeService {
     pub fn new(config: &Config, driver: Arc<Driver>, mesh: Arc<Mesh>, http: &web::HttpMetrics) -> NodeService {
         NodeService {
             registry: crate::metrics::registry(&config.node_id, http, driver.clone(), mesh.clone()),
+            backup_dir: config.backup_dir.clone(),
+            backing_up: Default::default(),
             driver,
             mesh,
             node_id: config.node_id.clone(),
             joins: !config.join.is_empty(),
             partitions: config.partitions,
             replicas: config.replicas as u32,
-            write_quorum: config.write_quorum,
         }
     }
 }
@@ -46,15 +48,11 @@ impl web::Backend for NodeService {
     }
 
     fn ready(&self) -> bool {
-        // The store is open (the node would not run otherwise). It is not stopping, it has
-        // joined the mesh if it was told to, and with replication it sees enough live
-        // members to commit a write (W of them, itself included); a partition this node
-        // leads is served only once its log is caught up (its Start record applied).
-        if self.driver.is_stopped() || (self.joins && !self.mesh.is_active()) {
-            return false;
-        }
-        self.replicas <= 1
-            || self.mesh.members().iter().filter(|(_, state)| *state != MemberState::Down).count() >= self.write_quorum
+        // The store is open (the node would not run otherwise), it is not stopping, and it
+        // has joined the mesh if it was told to. A partition this node leads is served only
+        // once its log is caught up (its Start record applied), so what it serves is caught
+        // up; a lone seed is ready, or the nodes joining it could never be deployed after it.
+        !self.driver.is_stopped() && (!self.joins || self.mesh.is_active())
     }
 
     fn cluster(&self) -> ClusterView {
@@ -102,11 +100,17 @@ impl web::Backend for NodeService {
 
     async fn admin(&self, call: AdminCall) -> Result<serde_json::Value, ApiError> {
         match call {
-            AdminCall::Backup { dir } => {
-                let dir = std::path::PathBuf::from(dir);
-                if !dir.is_absolute() || dir.exists() {
-                    return Err(ApiError::bad_request("dir must be an absolute path that does not exist yet"));
+            AdminCall::Backup { name } => {
+                // One checkpoint at a time: each flushes the memtables.
+                if self.backing_up.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    return Err(ApiError::overloaded("a backup is already being taken on this node"));
                 }
+                let _done = ClearOnDrop(&self.backing_up);
+                let dir = self.backup_dir.join(&name);
+                if dir.exists() {
+                    return Err(ApiError::bad_request(format!("a backup named {name} exists already")));
+                }
+                private_dir(&self.backup_dir).map_err(|e| ApiError::unavailable(format!("backup directory: {e}")))?;
                 let store = self.driver.store().clone();
                 let target = dir.clone();
                 let started = tokio::time::Instant::now();
@@ -129,6 +133,20 @@ impl web::Backend for NodeService {
                 Ok(serde_json::json!({ "node": self.node_id, "weight": f64::from(weight_milli) / 1000.0 }))
             }
         }
+    }
+}
+
+/// Creates `dir` (and its parents) readable by this user only: backups hold every message.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+struct ClearOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -496,7 +496,7 @@ impl World {
             let local = self.local_ms(i);
             // A restart's identity outranks every earlier life, renewals included: like the
             // real node, it takes its start time (here the global one, so it is unique).
-            let membership = self.membership(i, local, self.now_ms);
+            let membership = self.membership(i, local, Identity::first_bump(self.now_ms));
             if self.ghost == Some(i) {
                 self.ghost = None; // It restarts at full weight.
             }
@@ -557,7 +557,7 @@ impl World {
                 node: m.id.to_string(),
                 weight_milli: u32::from(m.weight_milli),
                 down: state == MemberState::Down,
-                incarnation: m.bump,
+                incarnation: m.life(),
             })
             .collect();
         if view != node.view {

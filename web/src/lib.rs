@@ -43,8 +43,9 @@ pub trait Backend: Send + Sync + 'static {
 /// Operations a service token may run on one node.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AdminCall {
-    /// Write a consistent checkpoint of the store into `dir` (absolute, not yet existing).
-    Backup { dir: String },
+    /// Write a consistent checkpoint of the store as `name` in the node's backup directory
+    /// (a checked plain name: no path).
+    Backup { name: String },
     /// Set this node's placement weight (0..1), live.
     Weight { weight: f64 },
 }

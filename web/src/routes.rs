@@ -112,17 +112,28 @@ impl<B: Backend> Call<'_, B> {
                 Ok(Answer::Text("application/openmetrics-text; version=1.0.0; charset=utf-8", self.backend.metrics()))
             }
             Route::Admin(action) => {
-                // These change the node or write files on it: a service token even from
-                // `ops_allow` networks.
+                // These change the node or write files on it: only from `ops_allow`
+                // networks, and with a service token even there.
+                if !self.config.ops_allow.iter().any(|net| net.contains(self.peer)) {
+                    return Err(ApiError::forbidden("operations on a node are open to ops_allow networks only"));
+                }
                 service(&self.claims()?)?;
                 let call = match action {
                     "backup" => {
                         #[derive(Deserialize)]
                         struct Body {
-                            dir: String,
+                            name: String,
                         }
                         let body: Body = parse_body(&self.body)?;
-                        AdminCall::Backup { dir: body.dir }
+                        let name_ok = (1..=64).contains(&body.name.len())
+                            && !body.name.starts_with('.')
+                            && body.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+                        if !name_ok {
+                            return Err(ApiError::bad_request(
+                                "name is 1-64 of A-Z a-z 0-9 _ . - not starting with a dot",
+                            ));
+                        }
+                        AdminCall::Backup { name: body.name }
                     }
                     _ => {
                         #[derive(Deserialize)]

@@ -805,11 +805,14 @@ impl NodeCore {
         if cursor.user != user {
             return Err(CoreError::Forbidden("this cursor belongs to another user".into()));
         }
+        // A cursor ahead of the streams here was made by another life of them: start over.
+        // Not for flags: a node learns them from their primary a moment after it starts, and
+        // a cursor ahead only means this node has not caught up yet (it sends flags once
+        // newer than the cursor's).
         let behind = |mine: Version, head: Version| mine > head;
         if cursor.generation != self.config.generation
             || behind(cursor.inbox, self.head(&social::inbox_stream(&user))?)
             || behind(cursor.feed, self.head(&social::feed_stream(&user))?)
-            || behind(cursor.flags, self.flags()?.applied)
         {
             return self.fresh_sync(now_ms, &user, true).map(Some);
         }

@@ -324,8 +324,18 @@ fn a_backup_taken_under_writes_restores_every_event_acknowledged_before_it() {
         .collect();
     assert!(wait_until(Duration::from_secs(10), || acked.lock().unwrap().len() >= 500), "writes flow");
     let began = Instant::now();
-    let copy = dir.path().join("backup");
-    let said = griddle(&["backup", "--http", addr(&node), "--dev", "--out", copy.to_str().unwrap()]);
+    let said = griddle(&["backup", "--http", addr(&node), "--dev", "--name", "b1"]);
+    let copy = dir.path().join("live-backups").join("b1");
+    assert!(copy.join("CURRENT").is_file(), "{said}");
+    // A name, never a path; and the same name twice is refused.
+    let svc_call = |body: &str| node.call("POST", "/v1/admin/backup", Some(&svc), Some(body)).0;
+    assert_eq!(svc_call(r#"{"name":"../escape"}"#), 400);
+    assert_eq!(svc_call(r#"{"name":"/tmp/x"}"#), 400);
+    assert_eq!(svc_call(r#"{"name":"b1"}"#), 400);
+    // A user's token is refused.
+    let user = mint("alice", 600, false);
+    assert_eq!(node.call("POST", "/v1/admin/backup", Some(&user), Some(r#"{"name":"b2"}"#)).0, 403);
+    assert_eq!(node.call("PUT", "/v1/admin/weight", Some(&user), Some(r#"{"weight":0}"#)).0, 403);
     println!("{}", said.trim());
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -391,7 +401,8 @@ fn a_rolling_restart_under_chat_load_loses_nothing_and_no_sync_skips_an_event() 
         let started = Command::new("bash")
             .arg("-c")
             .arg(format!(
-                "setsid nohup {binary} serve --config n{i}.toml >>n{i}.log 2>&1 </dev/null & echo $! >n{i}.pid"
+                "setsid nohup {binary} serve --config {}/n{i}.toml >>n{i}.log 2>&1 </dev/null & echo $! >n{i}.pid",
+                run.display()
             ))
             .current_dir(run)
             .env("GRIDDLE_LOG", "warn")
