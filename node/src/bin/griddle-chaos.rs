@@ -407,7 +407,13 @@ struct Received {
 
 /// A tab's sync loop; after `done` it goes on until it has every message acknowledged for it,
 /// for at most 30 s.
-fn sync_reader(r: usize, urls: Vec<String>, done: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) -> Received {
+fn sync_reader(
+    r: usize,
+    urls: Vec<String>,
+    done: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+    ready: Arc<AtomicU64>,
+) -> Received {
     let token = token(&format!("reader{r}"), false);
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(8)).build();
     let mut gateway = r % urls.len();
@@ -449,6 +455,9 @@ fn sync_reader(r: usize, urls: Vec<String>, done: Arc<AtomicBool>, ledger: Arc<M
             let stream = event["stream"].as_str().unwrap_or_default().to_owned();
             let id = event["id"].as_str().unwrap_or_default().to_owned();
             received.events.push((stream, event["version"].as_u64().unwrap_or(0), id));
+        }
+        if cursor.is_none() && body["cursor"].is_string() {
+            ready.fetch_add(1, Ordering::Relaxed); // From here on every message comes as an event.
         }
         cursor = body["cursor"].as_str().map(String::from).or(cursor);
     }
@@ -584,13 +593,18 @@ fn run(
     let ledger: Arc<Mutex<Ledger>> = Arc::default();
     let counters: Arc<Counters> = Arc::default();
     const READERS: usize = 4;
+    let with_cursor = Arc::new(AtomicU64::new(0));
     let readers: Vec<_> = (0..READERS)
         .map(|r| {
-            let (urls, done, ledger) = (urls.to_vec(), writers_done.clone(), ledger.clone());
-            std::thread::spawn(move || sync_reader(r, urls, done, ledger))
+            let (urls, done, ledger, ready) =
+                (urls.to_vec(), writers_done.clone(), ledger.clone(), with_cursor.clone());
+            std::thread::spawn(move || sync_reader(r, urls, done, ledger, ready))
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(1)); // Every reader holds a cursor first.
+    // Messages sent before a reader's first cursor arrive in its snapshot, not as events.
+    if !wait_until(Duration::from_secs(30), || with_cursor.load(Ordering::Relaxed) == READERS as u64) {
+        bail!("the sync readers got no cursor within 30 s");
+    }
     let mut load = Vec::new();
     for w in 0..8 {
         let (urls, stop, ledger, c) = (urls.to_vec(), stop.clone(), ledger.clone(), counters.clone());
@@ -799,8 +813,9 @@ fn run(
             problems.push(format!("{}: the final graceful stop did not exit 0", node.id));
         }
     }
-    let mut replica_checks = 0usize;
-    let mut lost_on_replicas = 0usize;
+    // A member removed from a partition never hears of it: its own conf goes stale. The
+    // partition's conf is the one recorded with the latest log position on any disk.
+    let mut disks = Vec::new();
     for node in nodes.iter() {
         let disk: Arc<dyn Store> = Arc::new(store::rocks::RocksStore::open(&node.data, Default::default())?);
         let config = node_core::repl::Config {
@@ -808,20 +823,30 @@ fn run(
             ..node_core::repl::Config::new(node.id.clone())
         };
         let machine = node_core::repl::Replicas::new(config, disk.clone(), 0)?;
-        for (stream, acked) in &by_stream {
-            let part = node_core::placement::partition_of(stream, node_core::placement::PARTITIONS_DEFAULT);
-            let voter = machine.conf(part).is_some_and(|conf| conf.voters().any(|m| m.node == node.id));
-            if !voter {
-                continue;
-            }
+        disks.push((node.id.clone(), disk, machine));
+    }
+    let mut replica_checks = 0usize;
+    let mut lost_on_replicas = 0usize;
+    for (stream, acked) in &by_stream {
+        let part = node_core::placement::partition_of(stream, node_core::placement::PARTITIONS_DEFAULT);
+        let latest = disks
+            .iter()
+            .filter_map(|(_, _, m)| Some((m.position(part)?.0, m.conf(part)?)))
+            .max_by(|a, b| a.0.cmp(&b.0));
+        let Some((_, conf)) = latest else {
+            problems.push(format!("{stream}: no disk holds its partition"));
+            continue;
+        };
+        let voters: Vec<String> = conf.voters().map(|m| m.node.clone()).collect();
+        for (id, disk, _) in disks.iter().filter(|(id, ..)| voters.contains(id)) {
             replica_checks += 1;
             let name = StreamName::new(stream.to_string())?;
             let events = disk.read(&name, ReadRange::After { after: Version(0), limit: 1 << 20 })?;
             let held: HashMap<String, u64> = events.iter().map(|e| (e.id.to_string(), e.version.0)).collect();
-            let missing = acked.iter().filter(|(_, id, v)| held.get(id) != Some(v)).count();
+            let missing = acked.iter().filter(|(_, event, v)| held.get(event) != Some(v)).count();
             if missing > 0 {
                 lost_on_replicas += missing;
-                problems.push(format!("{}: {missing} acknowledged appends of {stream} missing on this voter", node.id));
+                problems.push(format!("{id}: {missing} acknowledged appends of {stream} missing on this voter"));
             }
         }
     }
