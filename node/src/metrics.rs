@@ -65,13 +65,15 @@ impl Collector for NodeCollector {
         counter(e, "griddle_store_wal_syncs", "Synced WAL writes (one per group commit).", stats.syncs)?;
         {
             // Group sizes as a histogram (per-bucket counts: the encoder sums them up); the
-            // sum is every append that went through a sync.
+            // sum is every append that went through a sync. `syncs` and `groups` are read
+            // apart, so the count is kept at least the buckets' sum.
             let bounded: u64 = stats.groups.iter().sum();
+            let syncs = stats.syncs.max(bounded);
             let buckets: Vec<(f64, u64)> = store::GROUP_BOUNDS
                 .iter()
                 .zip(stats.groups)
                 .map(|(bound, count)| (*bound as f64, count))
-                .chain([(f64::INFINITY, stats.syncs.saturating_sub(bounded))])
+                .chain([(f64::INFINITY, syncs - bounded)])
                 .collect();
             let mut metric = e.encode_descriptor(
                 "griddle_store_group_commit_appends",
@@ -81,7 +83,7 @@ impl Collector for NodeCollector {
             )?;
             metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                 stats.appends as f64,
-                stats.syncs,
+                syncs,
                 &buckets,
                 None,
             )?;

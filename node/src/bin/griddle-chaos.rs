@@ -219,6 +219,9 @@ struct NodeProc {
     /// Down (killed or stopping) until this, then restarted; frozen until this, then SIGCONT.
     down_until: Option<Instant>,
     frozen_until: Option<Instant>,
+    /// When the process was started: a SIGTERM before it installed its handler would kill
+    /// it outright, which says nothing about the graceful stop.
+    started_at: Instant,
 }
 
 impl NodeProc {
@@ -243,6 +246,7 @@ impl NodeProc {
             .spawn()
             .with_context(|| format!("start {}", binary.display()))?;
         self.child = Some(child);
+        self.started_at = Instant::now();
         Ok(())
     }
 
@@ -509,6 +513,7 @@ fn main() -> anyhow::Result<()> {
             child: None,
             down_until: None,
             frozen_until: None,
+            started_at: Instant::now(),
         })
         .collect();
     let proxies: Vec<Proxy> = nodes
@@ -625,7 +630,7 @@ fn run(
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let mut undos: Vec<Undo> = Vec::new();
     let mut next_fault = started + Duration::from_millis(args.fault_every_ms);
-    let mut graceful_exits_not_zero = 0;
+    let mut graceful_exits_not_zero: Vec<String> = Vec::new();
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
         let now = Instant::now();
@@ -656,6 +661,7 @@ fn run(
         let network_busy = undos.iter().any(|u| u.node == i);
         match fault {
             Fault::Kill | Fault::Freeze | Fault::GracefulRestart if someone_out => continue,
+            Fault::GracefulRestart if nodes[i].started_at.elapsed() < Duration::from_secs(3) => continue,
             Fault::Loss | Fault::Delay | Fault::Duplicate | Fault::Partition if network_busy => continue,
             Fault::Kill => {
                 nodes[i].kill();
@@ -666,8 +672,15 @@ fn run(
                 nodes[i].frozen_until = Some(now + Duration::from_millis(rng.gen_range(1000..5000)));
             }
             Fault::GracefulRestart => {
-                if nodes[i].terminate().is_some_and(|status| !status.success()) {
-                    graceful_exits_not_zero += 1;
+                let stopping = Instant::now();
+                match nodes[i].terminate() {
+                    Some(status) if !status.success() => graceful_exits_not_zero.push(format!(
+                        "{} at {:.1}s: {status} after {:?}",
+                        nodes[i].id,
+                        started.elapsed().as_secs_f64(),
+                        stopping.elapsed()
+                    )),
+                    _ => {}
                 }
                 nodes[i].start(&args.binary, join, n)?;
             }
@@ -732,8 +745,8 @@ fn run(
     if !settled {
         problems.push("replication still lagged 30 s after the load stopped".into());
     }
-    if graceful_exits_not_zero > 0 {
-        problems.push(format!("{graceful_exits_not_zero} graceful stops did not exit 0"));
+    for exit in &graceful_exits_not_zero {
+        problems.push(format!("a graceful stop did not exit 0: {exit}"));
     }
 
     // 1. Through the cluster: every acknowledged append, once, at its version; dense.
