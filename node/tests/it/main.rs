@@ -1,6 +1,7 @@
 //! Node integration tests, one binary: real `griddle` processes on loopback, real RocksDB.
 
 mod api;
+mod authz;
 mod crash;
 mod harness;
 mod mesh;
