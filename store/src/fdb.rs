@@ -75,7 +75,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
@@ -566,17 +566,7 @@ impl Writer {
     fn run(self, inbox: &Receiver<Queued>, options: &FdbOptions) {
         let mut failure: Option<String> = None;
         while let Ok(first) = inbox.recv() {
-            let mut group = vec![first];
-            let mut events = group[0].0.events.len();
-            while events < options.group_events_max {
-                match inbox.try_recv() {
-                    Ok(next) => {
-                        events += next.0.events.len();
-                        group.push(next);
-                    }
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
-            }
+            let (group, _) = crate::group::take_queued(inbox, first, options.group_events_max);
             for chunk in chunks(group, options.transaction_bytes_max) {
                 let results = match &failure {
                     // A later batch may continue the versions of the uncertain one: refuse.

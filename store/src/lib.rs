@@ -20,6 +20,8 @@ pub mod cursor;
 mod error;
 #[cfg(feature = "fdb")]
 pub mod fdb;
+#[cfg(any(feature = "rocksdb", feature = "fdb"))]
+mod group;
 pub mod mem;
 mod model;
 #[cfg(feature = "rocksdb")]

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -141,17 +141,7 @@ fn write_groups(
     let mut previous_group_len = 0;
     let mut failure: Option<String> = None;
     while let Ok(first) = inbox.recv() {
-        let mut group = vec![first];
-        let mut events = group[0].0.events.len();
-        while events < options.group_events_max {
-            match inbox.try_recv() {
-                Ok(next) => {
-                    events += next.0.events.len();
-                    group.push(next);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
-        }
+        let (mut group, mut events) = crate::group::take_queued(inbox, first, options.group_events_max);
         if previous_group_len >= GROUP_SIBLINGS_MIN && options.group_delay_us > 0 {
             wait_for_more(inbox, &mut group, &mut events, options);
         }
