@@ -16,6 +16,7 @@
 //! the nodes share. None depends on tokio: completions are plain callbacks.
 
 mod codec;
+mod crc;
 pub mod cursor;
 mod error;
 #[cfg(feature = "fdb")]
@@ -28,6 +29,7 @@ mod model;
 pub mod rocks;
 
 pub use codec::{decode_event, encode_event};
+pub use crc::{crc32c, crc32c_extend};
 pub use error::StoreError;
 pub use model::*;
 

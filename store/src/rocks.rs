@@ -11,6 +11,16 @@
 //! version; `meta` (key) -> value. Stream names never contain the zero byte. RocksDB publishes
 //! a write to readers only after its WAL write (and here its sync) returned, so a reader never
 //! sees an unsynced event.
+//!
+//! Damage: every record carries a CRC-32C of our own on top of RocksDB's block and WAL
+//! checksums (events in their encoding, `codec.rs`; metadata values in an envelope
+//! `[0xC5][crc of key and value: 4][value]`, in stores created with it, marked by the meta key
+//! [`FORMAT_KEY`]); an id's index entry must point at an event with that id, and an event
+//! must sit under its own version. Anything that fails, and RocksDB's own `Corruption`, is
+//! `StoreError::Corrupt`: never served. The WAL is replayed with
+//! `TolerateCorruptedTailRecords`: a record torn by a crash in the middle of a group's write
+//! (never synced, so never acknowledged) is dropped; damage anywhere before the tail refuses
+//! to open, rather than silently rolling the store back to before it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +29,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::{Mutex, MutexGuard};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, DBRecoveryMode, Direction, ErrorKind, IteratorMode, Options, ReadOptions, WriteOptions, DB,
+};
 
 use crate::{
     decode_event, encode_event, Completion, Event, EventId, ReadRange, Store, StoreError, StoreStats, StreamName,
@@ -32,6 +44,9 @@ const CF_EVENTS: &str = "events";
 const GROUP_SIBLINGS_MIN: usize = 2;
 const CF_IDS: &str = "ids";
 const CF_META: &str = "meta";
+/// Present (value `2`) in stores whose metadata values carry a checksum envelope.
+pub const FORMAT_KEY: &[u8] = b"\0store-format";
+const META_CHECKED: u8 = 0xC5;
 
 #[derive(Clone, Debug)]
 pub struct RocksOptions {
@@ -45,11 +60,20 @@ pub struct RocksOptions {
     /// group's first append the writer collects more before syncing, in microseconds, like
     /// PostgreSQL's `commit_delay`. An idle store never waits. 0 turns it off.
     pub group_delay_us: u64,
+    /// RocksDB's memtable size per column family (`write_buffer_size`); `None` keeps
+    /// RocksDB's 64 MiB. Small values flush and compact often (tests of crashes in them).
+    pub write_buffer_bytes: Option<usize>,
 }
 
 impl Default for RocksOptions {
     fn default() -> Self {
-        RocksOptions { max_open_files: 256, queue_len_max: 8192, group_events_max: 4096, group_delay_us: 200 }
+        RocksOptions {
+            max_open_files: 256,
+            queue_len_max: 8192,
+            group_events_max: 4096,
+            group_delay_us: 200,
+            write_buffer_bytes: None,
+        }
     }
 }
 
@@ -59,6 +83,8 @@ pub struct RocksStore {
     writer: Option<JoinHandle<()>>,
     stats: Arc<Counters>,
     gate: Arc<Mutex<()>>,
+    /// Metadata values carry the checksum envelope (every store created since it exists).
+    checked: bool,
 }
 
 #[derive(Default)]
@@ -77,10 +103,15 @@ impl RocksStore {
         db_options.set_max_open_files(options.max_open_files);
         db_options.set_paranoid_checks(true);
         db_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        db_options.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
+        if let Some(bytes) = options.write_buffer_bytes {
+            db_options.set_write_buffer_size(bytes);
+        }
         let families =
             [CF_EVENTS, CF_IDS, CF_META].into_iter().map(|name| ColumnFamilyDescriptor::new(name, db_options.clone()));
         let db = DB::open_cf_descriptors(&db_options, path, families)
-            .map_err(|e| StoreError::Failed(format!("open {}: {e}", path.display())))?;
+            .map_err(|e| error(&format!("open {}", path.display()), e))?;
+        let checked = checked_format(&db)?;
         let db = Arc::new(db);
         let stats = Arc::new(Counters::default());
         let gate = Arc::new(Mutex::new(()));
@@ -89,10 +120,10 @@ impl RocksStore {
             let (db, stats, gate) = (db.clone(), stats.clone(), gate.clone());
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || write_groups(&db, &inbox, &stats, &gate, &options))
+                .spawn(move || write_groups(&db, &inbox, &stats, &gate, &options, checked))
                 .map_err(|e| StoreError::Failed(format!("spawn writer: {e}")))?
         };
-        Ok(RocksStore { db, queue: Some(queue), writer: Some(writer), stats, gate })
+        Ok(RocksStore { db, queue: Some(queue), writer: Some(writer), stats, gate, checked })
     }
 
     /// Holds every sync until the guard drops: lets tests see that nothing unsynced is visible.
@@ -115,6 +146,56 @@ impl Drop for RocksStore {
     }
 }
 
+/// RocksDB's own corruption (a block or WAL checksum, a missing file) is ours too.
+fn error(what: &str, e: rocksdb::Error) -> StoreError {
+    match e.kind() {
+        ErrorKind::Corruption => StoreError::Corrupt(format!("{what}: {e}")),
+        _ => StoreError::Failed(format!("{what}: {e}")),
+    }
+}
+
+/// Whether metadata values carry the envelope: yes in a store created empty by this code (it
+/// marks itself, synced, before any write), no in an older one.
+fn checked_format(db: &DB) -> Result<bool, StoreError> {
+    let meta = db.cf_handle(CF_META).expect("cf");
+    match db.get_cf(meta, FORMAT_KEY).map_err(|e| error("read the store format", e))? {
+        Some(value) => Ok(value == b"2"),
+        None => {
+            let empty = [CF_EVENTS, CF_IDS, CF_META].into_iter().all(|name| {
+                let cf = db.cf_handle(name).expect("cf");
+                db.iterator_cf(cf, IteratorMode::Start).next().is_none()
+            });
+            if empty {
+                let mut sync = WriteOptions::default();
+                sync.set_sync(true);
+                db.put_cf_opt(meta, FORMAT_KEY, b"2", &sync).map_err(|e| error("mark the store format", e))?;
+            }
+            Ok(empty)
+        }
+    }
+}
+
+fn seal_meta(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let crc = crate::crc32c_extend(crate::crc32c(key), value);
+    let mut sealed = Vec::with_capacity(5 + value.len());
+    sealed.push(META_CHECKED);
+    sealed.extend_from_slice(&crc.to_be_bytes());
+    sealed.extend_from_slice(value);
+    sealed
+}
+
+fn open_meta(key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("metadata {:?} fails its checksum", String::from_utf8_lossy(key)));
+    if sealed.len() < 5 || sealed[0] != META_CHECKED {
+        return Err(corrupt());
+    }
+    let stored = u32::from_be_bytes(sealed[1..5].try_into().expect("4 bytes"));
+    if crate::crc32c_extend(crate::crc32c(key), &sealed[5..]) != stored {
+        return Err(corrupt());
+    }
+    Ok(sealed[5..].to_vec())
+}
+
 fn key(stream: &StreamName, suffix: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(stream.as_str().len() + 1 + suffix.len());
     key.extend_from_slice(stream.as_str().as_bytes());
@@ -133,6 +214,7 @@ fn write_groups(
     stats: &Counters,
     gate: &Mutex<()>,
     options: &RocksOptions,
+    checked: bool,
 ) {
     let (events_cf, ids_cf, meta_cf) =
         (db.cf_handle(CF_EVENTS).expect("cf"), db.cf_handle(CF_IDS).expect("cf"), db.cf_handle(CF_META).expect("cf"));
@@ -154,6 +236,7 @@ fn write_groups(
             }
             for (meta_key, value) in &writes.meta {
                 match value {
+                    Some(value) if checked => batch.put_cf(meta_cf, meta_key, seal_meta(meta_key, value)),
                     Some(value) => batch.put_cf(meta_cf, meta_key, value),
                     None => batch.delete_cf(meta_cf, meta_key),
                 }
@@ -230,8 +313,12 @@ impl Store for RocksStore {
         }
         let iter = self.db.iterator_cf_opt(self.cf(CF_EVENTS), options, IteratorMode::From(&start, direction));
         for item in iter {
-            let (_, value) = item.map_err(|e| StoreError::Failed(format!("read {stream}: {e}")))?;
-            events.push(decode_event(stream, &value)?);
+            let (key, value) = item.map_err(|e| error(&format!("read {stream}"), e))?;
+            let event = decode_event(stream, &value)?;
+            if key[key.len() - 8..] != event.version.0.to_be_bytes() {
+                return Err(StoreError::Corrupt(format!("an event of {stream} under another version's key")));
+            }
+            events.push(event);
             if events.len() == limit {
                 break;
             }
@@ -250,7 +337,7 @@ impl Store for RocksStore {
             self.db.iterator_cf_opt(self.cf(CF_EVENTS), options, IteratorMode::From(&upper, Direction::Reverse));
         match iter.next() {
             None => Ok(Version::ZERO),
-            Some(Err(e)) => Err(StoreError::Failed(format!("head of {stream}: {e}"))),
+            Some(Err(e)) => Err(error(&format!("head of {stream}"), e)),
             Some(Ok((key, _))) => {
                 let suffix: [u8; 8] = key[key.len() - 8..].try_into().expect("event keys end in a version");
                 Ok(Version(u64::from_be_bytes(suffix)))
@@ -262,31 +349,43 @@ impl Store for RocksStore {
         let found = self
             .db
             .get_cf(self.cf(CF_IDS), key(stream, &id.0.to_be_bytes()))
-            .map_err(|e| StoreError::Failed(format!("find in {stream}: {e}")))?;
+            .map_err(|e| error(&format!("find in {stream}"), e))?;
         let Some(version) = found else { return Ok(None) };
         let version: [u8; 8] =
             version.as_slice().try_into().map_err(|_| StoreError::Corrupt("id index value".into()))?;
         let value = self
             .db
             .get_cf(self.cf(CF_EVENTS), event_key(stream, Version(u64::from_be_bytes(version))))
-            .map_err(|e| StoreError::Failed(format!("find in {stream}: {e}")))?
+            .map_err(|e| error(&format!("find in {stream}"), e))?
             .ok_or_else(|| StoreError::Corrupt(format!("id index of {stream} points at a missing event")))?;
-        decode_event(stream, &value).map(Some)
+        let event = decode_event(stream, &value)?;
+        if event.id != id {
+            return Err(StoreError::Corrupt(format!("id index of {stream} points at another event")));
+        }
+        Ok(Some(event))
     }
 
     fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get_cf(self.cf(CF_META), key).map_err(|e| StoreError::Failed(format!("meta: {e}")))
+        let value = self.db.get_cf(self.cf(CF_META), key).map_err(|e| error("meta", e))?;
+        match value {
+            Some(sealed) if self.checked => open_meta(key, &sealed).map(Some),
+            value => Ok(value),
+        }
     }
 
     fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<crate::MetaEntry>, StoreError> {
         let iter = self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(prefix, Direction::Forward));
         let mut found = Vec::new();
         for item in iter {
-            let (key, value) = item.map_err(|e| StoreError::Failed(format!("meta scan: {e}")))?;
+            let (key, value) = item.map_err(|e| error("meta scan", e))?;
             if !key.starts_with(prefix) || found.len() == limit {
                 break;
             }
-            found.push((key.to_vec(), value.to_vec()));
+            if &*key == FORMAT_KEY {
+                continue;
+            }
+            let value = if self.checked { open_meta(&key, &value)? } else { value.to_vec() };
+            found.push((key.to_vec(), value));
         }
         Ok(found)
     }

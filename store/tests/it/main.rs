@@ -17,6 +17,8 @@ use store::{Event, EventId, ReadRange, Store, StoreError, StreamName, Version, W
 
 #[cfg(feature = "fdb")]
 mod fdb_only;
+#[cfg(feature = "rocksdb")]
+mod rocks_damage;
 
 pub(crate) trait Backend {
     fn store(&self) -> Arc<dyn Store>;

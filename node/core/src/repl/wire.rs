@@ -7,6 +7,9 @@ use store::{decode_event, encode_event, Event, StreamName, WriteBatch};
 use super::{Conf, Entry, Epoch, LogId, Member, Msg, Payload};
 
 const FORMAT: u8 = 1;
+/// A stored log entry: `[2][crc32c of the rest: 4][entry]`. Entries of format 1 (no checksum)
+/// are still read.
+const ENTRY_CHECKED: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed replication record: {0}")]
@@ -178,19 +181,30 @@ fn decode_whole<T>(bytes: &[u8], read: impl FnOnce(&mut Reader<'_>) -> Result<T,
     r.done(value)
 }
 
+/// A log entry as stored on disk, with a checksum.
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
-    encode_with(|w| {
-        w.u8(FORMAT);
+    let mut out = encode_with(|w| {
+        w.u8(ENTRY_CHECKED);
+        w.u32(0);
         w.entry(entry);
-    })
+    });
+    let crc = store::crc32c(&out[5..]);
+    out[1..5].copy_from_slice(&crc.to_be_bytes());
+    out
 }
 
+/// A stored log entry; a checksum mismatch is `Malformed("checksum")`: never used.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, Malformed> {
-    decode_whole(bytes, |r| {
-        if r.u8()? != FORMAT {
-            return Err(Malformed("format"));
+    decode_whole(bytes, |r| match r.u8()? {
+        FORMAT => r.entry(),
+        ENTRY_CHECKED => {
+            let stored = r.u32()?;
+            if bytes.get(5..).map(store::crc32c) != Some(stored) {
+                return Err(Malformed("checksum"));
+            }
+            r.entry()
         }
-        r.entry()
+        _ => Err(Malformed("format")),
     })
 }
 
@@ -382,6 +396,18 @@ mod tests {
         };
         let meta = vec![(b"copy:x".to_vec(), Some(Vec::new())), (b"gone".to_vec(), None)];
         Entry { epoch: epoch(3, "n1"), payload: Payload::Data(WriteBatch { events: vec![event], meta }) }
+    }
+
+    #[test]
+    fn a_stored_entry_with_any_bit_flipped_is_refused() {
+        let entry = data_entry();
+        let bytes = encode_entry(&entry);
+        assert_eq!(decode_entry(&bytes), Ok(entry));
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_entry(&flipped).is_err(), "bit {bit} flipped went unnoticed");
+        }
     }
 
     #[test]
