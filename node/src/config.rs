@@ -31,6 +31,7 @@ pub struct FileConfig {
     pub connections_max: Option<usize>,
     pub requests_in_flight_max: Option<usize>,
     pub rocksdb_max_open_files: Option<i32>,
+    pub rocksdb_write_buffer_bytes: Option<usize>,
     pub group_commit_delay_us: Option<u64>,
     pub log_format: Option<String>,
     pub certs: Option<PathBuf>,
@@ -90,6 +91,8 @@ pub struct Config {
     pub connections_max: usize,
     pub requests_in_flight_max: usize,
     pub rocksdb_max_open_files: i32,
+    /// RocksDB's memtable size; `None` keeps its default (64 MiB).
+    pub rocksdb_write_buffer_bytes: Option<usize>,
     pub group_commit_delay_us: u64,
     pub log_json: bool,
     /// Directory with `ca.pem`, `node.pem` and `node.key`; `None` with `--dev` uses the
@@ -286,6 +289,7 @@ impl Config {
             connections_max: file.connections_max.unwrap_or(19_500),
             requests_in_flight_max: file.requests_in_flight_max.unwrap_or(256),
             rocksdb_max_open_files: file.rocksdb_max_open_files.unwrap_or(256),
+            rocksdb_write_buffer_bytes: file.rocksdb_write_buffer_bytes,
             group_commit_delay_us: file.group_commit_delay_us.unwrap_or(200),
             log_json,
             certs,

@@ -3,6 +3,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod damage;
 mod driver;
 pub mod mesh;
 mod metrics;
@@ -52,6 +53,7 @@ fn open_rocksdb(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let options = store::rocks::RocksOptions {
         max_open_files: config.rocksdb_max_open_files,
         group_delay_us: config.group_commit_delay_us,
+        write_buffer_bytes: config.rocksdb_write_buffer_bytes,
         ..Default::default()
     };
     Ok(Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?))
@@ -98,10 +100,44 @@ pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
     })
 }
 
-/// Serves `listener` until `shutdown` completes or storage fails; then answers held
-/// long-polls with their cursors and returns. The store is closed when the last handle drops.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let store = open_store(&config)?;
+/// Why [`run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// The shutdown future completed.
+    Asked,
+    /// Stored data failed its checksum and replicas can repair it: the data directory is
+    /// marked damaged; run again (after [`damage::set_aside_if_marked`]) to rejoin with a
+    /// fresh disk.
+    Damaged,
+}
+
+/// Serves `listener` until `shutdown` completes, storage fails, or damaged data is found;
+/// then answers held long-polls with their cursors and returns. The store is closed when the
+/// last handle drops.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<Stopped> {
+    let damage = Arc::new(damage::Damage::new(&config));
+    match serve(&config, listener, shutdown, &damage).await {
+        Err(error) if damage::is_corrupt(&error) || damage.is_reported() => {
+            // Found while opening or recovering: nothing was served yet.
+            damage.report(&format!("{error:#}"));
+            if damage.repairable() {
+                Ok(Stopped::Damaged)
+            } else {
+                Err(error)
+            }
+        }
+        other => other,
+    }
+}
+
+async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    damage: &Arc<damage::Damage>,
+) -> anyhow::Result<Stopped> {
+    let config = config.clone();
+    let store: Arc<dyn Store> = Arc::new(damage::Watched { inner: open_store(&config)?, damage: damage.clone() });
     // A shared store (FoundationDB) keeps the copies itself, but each stream still needs one
     // sequencer: its partition's primary.
     let shared = config.store == StoreKind::Fdb;
@@ -153,17 +189,24 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let web_config = web_config(&config)?;
     let service = Arc::new(NodeService::new(&config, driver.clone(), mesh.clone(), &web_config.metrics));
     let fatal = async { driver.fatal.notified().await };
-    let failed = tokio::select! {
-        _ = web::run(listener, service, web_config, shutdown) => false,
-        _ = fatal => true,
+    let damaged = async { damage.found.notified().await };
+    let (failed, stopped) = tokio::select! {
+        _ = web::run(listener, service, web_config, shutdown) => (false, Stopped::Asked),
+        _ = fatal => (true, Stopped::Asked),
+        _ = damaged => (false, Stopped::Damaged),
     };
     // The whole stop is bounded, so an orchestrator's kill timeout is never reached.
     let stopping = graceful_stop(&driver, &mesh);
     if tokio::time::timeout(STOP_DEADLINE, stopping).await.is_err() {
         tracing::warn!(deadline = ?STOP_DEADLINE, "graceful stop took too long; exiting anyway");
     }
+    if damage.is_reported() && damage.repairable() {
+        // Damage can also surface as a failed write (RocksDB stops writing on damage a
+        // compaction found): the repair, not a plain restart, is what the node needs.
+        return Ok(Stopped::Damaged);
+    }
     if failed {
         anyhow::bail!("storage failed");
     }
-    Ok(())
+    Ok(stopped)
 }

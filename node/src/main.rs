@@ -199,18 +199,27 @@ fn main() -> anyhow::Result<()> {
 fn serve(overrides: &Overrides) -> anyhow::Result<()> {
     let config = Config::resolve(overrides)?;
     init_logs(config.log_json, &config.node_id);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
-    let result = runtime.block_on(async {
-        let listener = TcpListener::bind(config.http).await.with_context(|| format!("bind {}", config.http))?;
-        let addr = listener.local_addr()?;
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), dev = config.dev, "serving");
-        node::run(config, listener, shutdown_signal()).await
-    });
-    // Tasks still running (connections being answered) get a moment, not forever.
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    result?;
-    tracing::info!("stopped");
-    Ok(())
+    // Each turn is one life of the node. Damaged data ends a life (`node::damage`): the
+    // runtime goes with everything it held (store, sockets, tasks), the copy is set aside,
+    // and the next life starts with a fresh disk that the replicas rebuild.
+    loop {
+        node::damage::set_aside_if_marked(&config, node::clock::now_ms())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
+        let config = config.clone();
+        let result = runtime.block_on(async {
+            let listener = TcpListener::bind(config.http).await.with_context(|| format!("bind {}", config.http))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, data_dir = %config.data_dir.display(), dev = config.dev, "serving");
+            node::run(config, listener, shutdown_signal()).await
+        });
+        // Tasks still running (connections being answered) get a moment, not forever.
+        runtime.shutdown_timeout(Duration::from_secs(2));
+        if result? == node::Stopped::Asked {
+            tracing::info!("stopped");
+            return Ok(());
+        }
+        tracing::warn!("stopped on damaged data; starting again with a fresh disk");
+    }
 }
 
 async fn shutdown_signal() {

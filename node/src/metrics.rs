@@ -63,6 +63,18 @@ impl Collector for NodeCollector {
         counter(e, "griddle_store_events", "Events appended to the store.", stats.events)?;
         counter(e, "griddle_store_appends", "Append batches handed to the store.", stats.appends)?;
         counter(e, "griddle_store_wal_syncs", "Synced WAL writes (one per group commit).", stats.syncs)?;
+        counter(
+            e,
+            "griddle_store_corrupt_reads",
+            "Store reads that found damaged data (failed checksum); never served.",
+            crate::damage::CORRUPT_READS.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
+        counter(
+            e,
+            "griddle_store_copies_set_aside",
+            "Damaged data directories set aside and rebuilt from replicas by this process.",
+            crate::damage::SET_ASIDE.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         {
             // Group sizes as a histogram (per-bucket counts: the encoder sums them up); the
             // sum is every append that went through a sync. `syncs` and `groups` are read

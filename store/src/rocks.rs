@@ -247,7 +247,12 @@ fn write_groups(
             Some(error) => Err(StoreError::Failed(format!("an earlier write failed: {error}"))),
             None => {
                 let _held = gate.lock();
-                db.write_opt(batch, &sync).map_err(|e| StoreError::Uncertain(format!("synced write: {e}")))
+                db.write_opt(batch, &sync).map_err(|e| match e.kind() {
+                    // RocksDB stopped writing on damage it found (a compaction read a bad
+                    // block): this write did not happen, and the disk needs repair.
+                    ErrorKind::Corruption => StoreError::Corrupt(format!("synced write refused: {e}")),
+                    _ => StoreError::Uncertain(format!("synced write: {e}")),
+                })
             }
         };
         if let (Err(error), None) = (&result, &failure) {

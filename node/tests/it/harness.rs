@@ -32,7 +32,10 @@ impl Node {
     }
 
     fn spawn(data_dir: &Path, extra: &[&str], stderr: Stdio, level: &str) -> Node {
-        let mut args = vec!["serve", "--dev", "--http", "127.0.0.1:0"];
+        let mut args = vec!["serve", "--dev"];
+        if !extra.contains(&"--http") {
+            args.extend(["--http", "127.0.0.1:0"]);
+        }
         if !extra.contains(&"--mesh") {
             args.extend(["--mesh", "127.0.0.1:0"]);
         }

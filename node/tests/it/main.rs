@@ -3,6 +3,7 @@
 mod api;
 mod authz;
 mod crash;
+mod damage;
 mod harness;
 mod mesh;
 mod ops;

@@ -184,12 +184,21 @@ fn fail_over(how: Stop, rounds: usize, limit: Duration) {
         assert!(node.terminate().success());
     }
 
-    // Every disk: every acknowledged event once, at its acknowledged version; versions dense.
-    let acked = acked.lock().unwrap();
-    println!("{} appends acknowledged by {WRITERS} writers", acked.len());
-    for id in &ids {
-        let disk = store::rocks::RocksStore::open(&dir.path().join(id), Default::default()).unwrap();
-        for stream in &streams {
+    println!("{} appends acknowledged by {WRITERS} writers", acked.lock().unwrap().len());
+    assert_disks_hold(dir.path(), &ids, &streams, &acked.lock().unwrap());
+}
+
+/// Every disk (`dir/ID`, the nodes stopped): every acknowledged event of `streams` once, at
+/// its acknowledged version; versions dense.
+pub fn assert_disks_hold(
+    dir: &std::path::Path,
+    ids: &[String],
+    streams: &[String],
+    acked: &[(String, String, u64, Instant, Instant)],
+) {
+    for id in ids {
+        let disk = store::rocks::RocksStore::open(&dir.join(id), Default::default()).unwrap();
+        for stream in streams {
             let name = StreamName::new(stream.clone()).unwrap();
             let events = disk.read(&name, ReadRange::After { after: Version(0), limit: 1 << 20 }).unwrap();
             let mut seen: HashMap<String, u64> = HashMap::new();

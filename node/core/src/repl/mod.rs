@@ -698,7 +698,17 @@ impl Replicas {
             .filter(|v| self.view.get(&v.node).is_some_and(|old| old.incarnation != v.incarnation))
             .map(|v| v.node.clone())
             .collect();
+        // Members up now that were down, absent (a member that left is dropped from the view)
+        // or in another life: their disk may be new, so the partitions led here ask them.
+        let returned: Vec<String> = view
+            .values()
+            .filter(|v| {
+                !v.down && self.view.get(&v.node).is_none_or(|old| old.down || old.incarnation != v.incarnation)
+            })
+            .map(|v| v.node.clone())
+            .collect();
         self.view = view;
+        self.probe(now_ms, &returned);
         // A restarted member may have lost its disk, and an idle partition has no primary to
         // notice: each partition that names it wants a primary again (which re-checks every
         // member's storage id and re-adds a wiped one). The top voter starts one at once;
@@ -717,6 +727,39 @@ impl Replicas {
             self.persist(WriteBatch { events: Vec::new(), meta }, Done::Storage);
         }
         self.tick(now_ms);
+    }
+
+    /// Where this node leads a partition that names one of `nodes`, asks them at once (an
+    /// empty Append at their last known position): the answer carries their storage id, so a
+    /// wiped disk is found and re-added even while the partition is idle (a primary sends
+    /// nothing to members with nothing to learn). Until they answer they count towards no
+    /// commit.
+    fn probe(&mut self, now_ms: u64, nodes: &[String]) {
+        if nodes.is_empty() {
+            return;
+        }
+        let mut probed = Vec::new();
+        for (part, p) in self.parts.iter_mut() {
+            let Role::Primary(pr) = &mut p.role else { continue };
+            if !pr.serving {
+                continue;
+            }
+            let mut any = false;
+            for node in nodes {
+                if let Some(progress) = pr.progress.get_mut(node) {
+                    progress.storage = None;
+                    progress.sent_ms = 0;
+                    progress.told = 0;
+                    any = true;
+                }
+            }
+            if any {
+                probed.push(*part);
+            }
+        }
+        for part in probed {
+            self.replicate(now_ms, part, true);
+        }
     }
 
     fn random(&mut self) -> u64 {
@@ -1606,11 +1649,14 @@ impl Replicas {
         for (node, progress) in &pr.progress {
             let quiet = now_ms.saturating_sub(progress.sent_ms) >= resend_ms;
             let lagging = progress.matched < last;
-            if progress.sent_ms == 0 || (resend && ((quiet && lagging) || progress.told < commit)) {
+            // A member that has not answered in this epoch (or since it came back) is asked
+            // until it does: its answer names its storage, and a probe can be lost.
+            let unknown = progress.storage.is_none();
+            if progress.sent_ms == 0 || (resend && ((quiet && (lagging || unknown)) || progress.told < commit)) {
                 // Quiet after a send: what was sent may be lost, so go back to what was acked.
                 let from = if quiet && progress.sent_ms != 0 { progress.matched + 1 } else { progress.next };
                 let from = from.min(last + 1);
-                if from > last && progress.matched >= last && progress.told >= commit {
+                if from > last && progress.matched >= last && progress.told >= commit && !unknown {
                     continue;
                 }
                 plan.push((node.clone(), from));
@@ -1627,7 +1673,7 @@ impl Replicas {
             if let Role::Primary(pr) = &mut self.parts.get_mut(&part).expect("exists").role {
                 let progress = pr.progress.get_mut(&node).expect("planned from it");
                 progress.next = from + count;
-                if count > 0 || progress.matched < last {
+                if count > 0 || progress.matched < last || progress.storage.is_none() {
                     progress.sent_ms = now_ms.max(1);
                 }
                 progress.told = commit;
