@@ -42,6 +42,8 @@ use crate::net::{Network, Packet, Rates};
 const START_MS: u64 = 1_763_776_800_000;
 const STEP_MS: u64 = 10;
 const SAFETY_MS: u64 = 20_000;
+/// The end of the safety phase in which writers only retry.
+const QUIET_MS: u64 = 4_000;
 /// After the heal, membership and browsers must converge within this.
 const LIVENESS_MS_MAX: u64 = 40_000;
 
@@ -57,10 +59,11 @@ pub enum Bug {
     WipedVotes,
     ServeBeforeCommit,
     SkipReadIndex,
+    SkipProbe,
 }
 
 impl Bug {
-    pub const ALL: [(Bug, &'static str, &'static str); 9] = [
+    pub const ALL: [(Bug, &'static str, &'static str); 10] = [
         (Bug::ForgetReannounce, "forget-reannounce", "the membership watchdog never re-announces once joined"),
         (Bug::AckBeforeSync, "ack-before-sync", "appends are acknowledged before the disk synced them"),
         (Bug::SkipInboxRepair, "skip-inbox-repair", "a restart does not finish inbox copies a crash interrupted"),
@@ -70,6 +73,11 @@ impl Bug {
         (Bug::WipedVotes, "wiped-votes", "a replica with a wiped disk promises and acknowledges as if intact"),
         (Bug::ServeBeforeCommit, "serve-before-commit", "replicas apply (and so serve) entries before they commit"),
         (Bug::SkipReadIndex, "skip-read-index", "a primary serves reads without confirming it still leads"),
+        (
+            Bug::SkipProbe,
+            "skip-probe",
+            "a primary never asks a returning member whether its disk is still the one it knew",
+        ),
     ];
 
     pub fn parse(name: &str) -> Option<Bug> {
@@ -100,6 +108,10 @@ pub enum Fault {
     ConnectionReset,
     /// A node's placement weight set to 0 (a ghost: learner only) or back to full, live.
     Weight,
+    /// A node's disk holds a record that fails its checksum: when the node reads it, it stops,
+    /// sets the copy aside and comes straight back (in-process, ~100 ms) with a fresh disk
+    /// for the replicas to rebuild (`node::damage`).
+    Damage,
     Drop,
     Duplicate,
 }
@@ -238,6 +250,7 @@ impl World {
                 Some(Bug::WipedVotes) => Some(node_core::repl::ReplBug::WipedVotes),
                 Some(Bug::ServeBeforeCommit) => Some(node_core::repl::ReplBug::ServeBeforeCommit),
                 Some(Bug::SkipReadIndex) => Some(node_core::repl::ReplBug::SkipReadIndex),
+                Some(Bug::SkipProbe) => Some(node_core::repl::ReplBug::SkipProbe),
                 _ => None,
             },
             ..node_core::repl::Config::new(format!("n{i}"))
@@ -315,6 +328,9 @@ impl World {
     /// real gateway does).
     fn write(&mut self, new: bool) -> Result<(), Failure> {
         for _ in 0..4 {
+            // The last seconds of the safety phase are quiet (retries only) while faults go on:
+            // partitions idle at the heal, as at night on a social site.
+            let new = new && self.now_ms - START_MS < SAFETY_MS - QUIET_MS;
             let Some((stream, id)) = self.writers.next(&mut self.rng, self.now_ms, new) else { return Ok(()) };
             let mut i = self.rng.gen_range(0..self.nodes.len());
             if !self.runs(i) {
@@ -457,6 +473,14 @@ impl World {
                 let j = self.rng.gen_range(0..count);
                 self.fault(Fault::ConnectionReset, i);
                 self.net.reset(i, j);
+            }
+            70..=74 if self.nodes[i].up && self.wipes + 1 < cluster::W => {
+                // At the moment a read finds it: the node stops (modelled as a crash, which
+                // loses more than a graceful stop) and its disk starts over.
+                self.fault(Fault::Damage, i);
+                self.wipes += 1;
+                self.crash(i, true);
+                self.nodes[i].restart_at = self.now_ms + self.rng.gen_range(50..300);
             }
             65..=69 if self.nodes[i].up && self.ghost.is_none_or(|g| g == i) => {
                 self.fault(Fault::Weight, i);
@@ -619,12 +643,16 @@ impl World {
     }
 
     fn converged(&self) -> bool {
+        self.members_converged() && self.log_converged(false).is_ok()
+    }
+
+    fn members_converged(&self) -> bool {
         let count = self.nodes.len();
         self.nodes.iter().all(|node| {
             let members = node.membership.members();
             let alive = members.iter().filter(|(_, s)| *s == MemberState::Alive).count();
             node.up && alive == count
-        }) && self.log_converged().is_ok()
+        })
     }
 
     /// Each node's view of one partition, a line each (for failure reports).
@@ -634,9 +662,11 @@ impl World {
     }
 
     /// Every write is acknowledged; every partition started anywhere has one primary, and
-    /// each voter of its conf has applied all of its log and holds the same streams.
-    fn log_converged(&self) -> Result<(), String> {
-        if let Some(w) = self.writers.writes.iter().find(|w| w.acked.is_none()) {
+    /// each voter of its conf has applied all of its log and holds the same streams. `idle`:
+    /// only the partitions that have one primary now, whatever is unacknowledged (writes
+    /// wake the others).
+    fn log_converged(&self, idle: bool) -> Result<(), String> {
+        if let Some(w) = self.writers.writes.iter().find(|w| w.acked.is_none()).filter(|_| !idle) {
             let part = node_core::placement::partition_of(w.stream.as_str(), cluster::PARTITIONS);
             return Err(format!(
                 "{} writes unacknowledged, e.g. to {} (p{part}):{}",
@@ -653,6 +683,9 @@ impl World {
             let serving: Vec<usize> =
                 (0..self.nodes.len()).filter(|i| self.nodes[*i].log.repl.is_serving(part)).collect();
             let [primary] = serving[..] else {
+                if idle {
+                    continue;
+                }
                 return Err(format!("p{part} served by {serving:?}:{}", self.partition_states(part)));
             };
             let lead = &self.nodes[primary].log;
@@ -664,6 +697,15 @@ impl World {
             for m in lead.repl.conf(part).expect("serving").voters() {
                 let Some(j) = m.node.strip_prefix('n').and_then(|n| n.parse::<usize>().ok()) else { continue };
                 let node = &self.nodes[j].log;
+                if idle {
+                    // Holding the log is what durability needs; a follower learns the commit
+                    // index (and so applies the tail) from the next message.
+                    let held = node.repl.position(part).map(|p| p.0);
+                    if held.as_ref() != Some(&last) {
+                        return Err(format!("p{part}: voter n{j} holds {held:?} of {last:?}"));
+                    }
+                    continue;
+                }
                 let applied_there = node.repl.position(part).map(|p| p.2);
                 if applied_there != Some(applied) {
                     return Err(format!("p{part}: voter n{j} applied {applied_there:?} of {applied}"));
@@ -716,6 +758,19 @@ impl World {
         }
         let healed = self.now_ms;
         self.say(format_args!("heal: faults off"));
+        // First with no new writes: where a partition has a primary, its voters must come to
+        // hold its whole log without traffic to prompt them (a member back with a wiped disk
+        // is asked, re-added and caught up; found by the damage test with real processes).
+        loop {
+            self.step(false)?;
+            if self.members_converged() && self.log_converged(true).is_ok() {
+                break;
+            }
+            if self.now_ms - healed >= LIVENESS_MS_MAX / 2 {
+                let log = self.log_converged(true).err().unwrap_or_else(|| "membership".into());
+                return Err(Failure::new("voters converge while their partitions are idle after the heal", log));
+            }
+        }
         self.writers.probe(self.now_ms, &mut self.rng);
         while self.now_ms - healed < LIVENESS_MS_MAX {
             self.step(false)?;
@@ -750,7 +805,7 @@ impl World {
                 )
             })
             .collect();
-        if let Err(log) = self.log_converged() {
+        if let Err(log) = self.log_converged(false) {
             return Err(Failure::new("replicas converge and every stream is writable after the heal", log));
         }
         Err(Failure::new("membership converges after the heal", views.join(", ")))

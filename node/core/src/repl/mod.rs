@@ -195,6 +195,9 @@ pub enum ReplBug {
     ServeBeforeCommit,
     /// A primary serves reads without confirming it still leads (no ReadIndex round).
     SkipReadIndex,
+    /// A primary never asks a member that comes back (in a new life, or after being down)
+    /// for its storage id; it learns of a wiped disk only from the next write's answer.
+    SkipProbe,
 }
 
 #[derive(Clone, Debug)]
@@ -708,7 +711,9 @@ impl Replicas {
             .map(|v| v.node.clone())
             .collect();
         self.view = view;
-        self.probe(now_ms, &returned);
+        if !self.bug(ReplBug::SkipProbe) {
+            self.probe(now_ms, &returned);
+        }
         // A restarted member may have lost its disk, and an idle partition has no primary to
         // notice: each partition that names it wants a primary again (which re-checks every
         // member's storage id and re-adds a wiped one). The top voter starts one at once;
@@ -1640,6 +1645,7 @@ impl Replicas {
     fn replicate(&mut self, now_ms: u64, part: Partition, resend: bool) {
         let resend_ms = self.config.resend_ms;
         let per_msg = self.config.entries_per_msg as u64;
+        let skip_probe = self.bug(ReplBug::SkipProbe);
         let p = &self.parts[&part];
         let Role::Primary(pr) = &p.role else { return };
         let last = p.last.index;
@@ -1651,7 +1657,7 @@ impl Replicas {
             let lagging = progress.matched < last;
             // A member that has not answered in this epoch (or since it came back) is asked
             // until it does: its answer names its storage, and a probe can be lost.
-            let unknown = progress.storage.is_none();
+            let unknown = progress.storage.is_none() && !skip_probe;
             if progress.sent_ms == 0 || (resend && ((quiet && (lagging || unknown)) || progress.told < commit)) {
                 // Quiet after a send: what was sent may be lost, so go back to what was acked.
                 let from = if quiet && progress.sent_ms != 0 { progress.matched + 1 } else { progress.next };
