@@ -15,9 +15,10 @@
 //! not vote with what it held, the primaries add it back as a learner and catch it up from
 //! their logs, and a partition is never started from it while established copies exist
 //! (`node_core::repl`). That is the repair: from the replicas, whole. Without replicas
-//! (`--replicas 1`) there is nothing to repair from: the damaged records answer 503, the rest
-//! is served, and a restart refuses a directory marked damaged until an operator restores a
-//! backup (`griddle restore`) or moves it aside.
+//! (`--replicas 1`) there is nothing to repair from: the damaged records answer 503 (every
+//! time they are read, and counted in `griddle_store_corrupt_reads_total`), the rest is
+//! served, and the operator restores a backup (`griddle restore`). A directory marked
+//! damaged by a replicated run is refused by an unreplicated one.
 //!
 //! A torn record at the WAL's tail (a crash in the middle of a group's write) is not damage:
 //! it was never synced, so never acknowledged, and RocksDB drops it when it opens
@@ -80,12 +81,14 @@ impl Damage {
             repairable = self.repairable,
             "stored data failed its checksum; it is never served"
         );
+        if !self.repairable {
+            // Nothing to rebuild it from: the damaged records answer 503, the rest is served.
+            return;
+        }
         if let Err(error) = write_marker(&self.data_dir, what) {
             tracing::error!(%error, "could not mark the data directory damaged");
         }
-        if self.repairable {
-            self.found.notify_one();
-        }
+        self.found.notify_one();
     }
 }
 

@@ -717,6 +717,11 @@ impl Driver {
         self.inner.lock().repl.as_ref().map(|r| r.machine.lags())
     }
 
+    /// Partitions led here with fewer whole voters than R (`None` without replication).
+    pub fn under_replicated(&self) -> Option<usize> {
+        self.inner.lock().repl.as_ref().map(|r| r.machine.under_replicated())
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }

@@ -144,6 +144,14 @@ impl Collector for NodeCollector {
                 ConstGauge::new(count as i64).encode(metric.encode_family(&[("role", role)])?)?;
             }
         }
+        if let Some(short) = self.driver.under_replicated() {
+            gauge(
+                e,
+                "griddle_partitions_under_replicated",
+                "Partitions led here with fewer whole voters than R (a voter missing, catching up, or wiped).",
+                short as i64,
+            )?;
+        }
         if let Some(lags) = self.driver.replication_lags() {
             let mut metric = e.encode_descriptor(
                 "griddle_replication_lag_entries",

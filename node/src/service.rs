@@ -89,6 +89,7 @@ impl web::Backend for NodeService {
                     learner_here: learner_here as u32,
                     lagging: lags.iter().filter(|(_, lag)| *lag > 0).count() as u32,
                     lag_max: lags.iter().map(|(_, lag)| *lag).max().unwrap_or(0),
+                    under_replicated: self.driver.under_replicated().unwrap_or(0) as u32,
                 }
             },
         }

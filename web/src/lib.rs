@@ -80,4 +80,7 @@ pub struct PartitionView {
     /// Partitions led here whose slowest other voter lacks log entries, and the most any lacks.
     pub lagging: u32,
     pub lag_max: u64,
+    /// Partitions led here with fewer whole voters than `replicas`: a voter missing, a
+    /// learner catching up, or a voter whose disk was found wiped or damaged.
+    pub under_replicated: u32,
 }

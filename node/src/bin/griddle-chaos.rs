@@ -16,16 +16,19 @@
 //!
 //! The faults, one every `--fault-every` (randomly chosen from `--seed`): `kill -9` and a
 //! restart a little later, SIGSTOP for a while then SIGCONT, a graceful restart (SIGTERM),
-//! packet loss, delay or duplication at one node, and one node cut off from the others. At
-//! most one node is down or frozen at a time (W = 2 of R = 3 must stay reachable for
-//! progress; safety must hold regardless).
+//! packet loss, delay or duplication at one node, one node cut off from the others, and a
+//! damaged disk (a graceful stop, bytes flipped in the middle of the WAL, a restart: the node
+//! must set the copy aside and be rebuilt from its replicas; only when every copy is whole
+//! and votes). At most one node is down or frozen at a time (W = 2 of R = 3 must stay
+//! reachable for progress; safety must hold regardless).
 //!
 //! Afterwards everything heals, the cluster settles, and the checker asserts:
 //! - every acknowledged append is in its stream, once, at its acknowledged version, and the
 //!   stream's versions are dense (read through the cluster);
 //! - every disk that its partition's conf names as a voter holds each of them too;
 //! - every sync reader got every acknowledged message of its conversations, once each, in
-//!   version order, with no `reset`.
+//!   version order, with no `reset`;
+//! - every damaged disk was found and set aside (the node's log says so).
 //!
 //! It prints a JSON report (faults by kind, operations, acknowledged, lost) and exits 1 if
 //! anything was lost, duplicated, out of order or reset.
@@ -482,10 +485,53 @@ enum Fault {
     Delay,
     Duplicate,
     Partition,
+    /// A graceful stop, bytes flipped in the middle of the node's WAL (records follow, so
+    /// RocksDB refuses it rather than taking it for a torn tail), a restart: the node must
+    /// set its copy aside and be rebuilt from its replicas (`node::damage`).
+    Damage,
 }
 
-const FAULTS: [Fault; 7] =
-    [Fault::Kill, Fault::Freeze, Fault::GracefulRestart, Fault::Loss, Fault::Delay, Fault::Duplicate, Fault::Partition];
+const FAULTS: [Fault; 8] = [
+    Fault::Kill,
+    Fault::Freeze,
+    Fault::GracefulRestart,
+    Fault::Loss,
+    Fault::Delay,
+    Fault::Duplicate,
+    Fault::Partition,
+    Fault::Damage,
+];
+
+/// No partition is under-replicated anywhere (each has R whole voters) and followers trail
+/// by little (they always do a bit under load). A disk is damaged only then, since two
+/// rebuilt at once is more than R = 3, W = 2 allows.
+fn settled(urls: &[String]) -> bool {
+    urls.iter().all(|u| {
+        let Ok(answer) = agent().get(&format!("{u}/v1/cluster")).call() else { return false };
+        let cluster: Value = answer.into_json().unwrap_or_default();
+        let parts = &cluster["partitions"];
+        parts["under_replicated"] == 0 && parts["lag_max"].as_u64().is_some_and(|lag| lag <= 500)
+    })
+}
+
+/// Flips 16 bytes between a quarter and a half of the largest WAL file in `data`; `None`
+/// when the WAL is too short for records to surely follow the damage.
+fn damage_wal(data: &Path, rng: &mut SmallRng) -> anyhow::Result<Option<String>> {
+    let mut logs: Vec<(u64, PathBuf)> = std::fs::read_dir(data)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .filter_map(|p| Some((p.metadata().ok()?.len(), p)))
+        .collect();
+    logs.sort();
+    let Some((len, wal)) = logs.pop().filter(|(len, _)| *len > 64 * 1024) else { return Ok(None) };
+    let mut bytes = std::fs::read(&wal)?;
+    let at = rng.gen_range(len / 4..len / 2) as usize;
+    for byte in &mut bytes[at..at + 16] {
+        *byte ^= 0xa5;
+    }
+    std::fs::write(&wal, bytes)?;
+    Ok(Some(format!("{} at {at} of {len}", wal.file_name().unwrap_or_default().to_string_lossy())))
+}
 
 /// A change to undo later: the network rules of a node, back to normal.
 struct Undo {
@@ -661,8 +707,20 @@ fn run(
         let network_busy = undos.iter().any(|u| u.node == i);
         match fault {
             Fault::Kill | Fault::Freeze | Fault::GracefulRestart if someone_out => continue,
-            Fault::GracefulRestart if nodes[i].started_at.elapsed() < Duration::from_secs(3) => continue,
+            Fault::GracefulRestart | Fault::Damage if nodes[i].started_at.elapsed() < Duration::from_secs(3) => {
+                continue
+            }
             Fault::Loss | Fault::Delay | Fault::Duplicate | Fault::Partition if network_busy => continue,
+            Fault::Damage if someone_out || !settled(urls) => continue,
+            Fault::Damage => {
+                if nodes[i].terminate().is_some_and(|status| !status.success()) {
+                    graceful_exits_not_zero.push(format!("{} (before damage)", nodes[i].id));
+                }
+                let damaged = damage_wal(&nodes[i].data, rng)?;
+                nodes[i].start(&args.binary, join, n)?;
+                let Some(damaged) = damaged else { continue };
+                eprintln!("chaos: damaged {}: {damaged}", nodes[i].id);
+            }
             Fault::Kill => {
                 nodes[i].kill();
                 nodes[i].down_until = Some(now + Duration::from_millis(rng.gen_range(500..4000)));
@@ -864,6 +922,19 @@ fn run(
         }
     }
 
+    // 4. Every damaged disk was found and set aside (each node's log says so once per copy).
+    let set_aside: u64 = nodes
+        .iter()
+        .map(|node| {
+            let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+            log.matches("set the damaged copy aside").count() as u64
+        })
+        .sum();
+    let damaged = faults.get("Damage").copied().unwrap_or(0);
+    if set_aside != damaged {
+        problems.push(format!("{damaged} disks damaged, {set_aside} set aside and rebuilt"));
+    }
+
     let proxy_stats: Vec<Value> = proxies
         .iter()
         .map(|p| {
@@ -893,6 +964,7 @@ fn run(
         "lost": lost,
         "lost_on_replicas": lost_on_replicas,
         "replica_checks": replica_checks,
+        "damaged_copies_set_aside": set_aside,
         "messages_never_synced": missed,
         "convergence_after_heal_ms": convergence_ms,
         "proxies": proxy_stats,

@@ -671,6 +671,20 @@ impl Replicas {
 
     /// How many partitions this node serves as primary, votes in, and learns (a ghost's
     /// partitions, or a newcomer's before it caught up).
+    /// Partitions led here with fewer whole voters than R: too few voters in the conf, a
+    /// learner still catching up, or a voter whose disk was found wiped (Kafka's
+    /// under-replicated partitions).
+    pub fn under_replicated(&self) -> usize {
+        let replicas = self.config.replicas;
+        let short = |p: &Part| match &p.role {
+            Role::Primary(pr) if pr.serving => {
+                p.conf.voter_count() < replicas || p.conf.members.iter().any(|m| !m.voter) || !pr.wiped.is_empty()
+            }
+            _ => false,
+        };
+        self.parts.values().filter(|p| short(p)).count()
+    }
+
     pub fn counts(&self) -> (usize, usize, usize) {
         let me = self.config.node.as_str();
         let serving = self.parts.values().filter(|p| p.serving()).count();
