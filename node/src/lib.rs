@@ -94,6 +94,10 @@ pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
         ops_allow,
         connections_max: config.connections_max,
         requests_in_flight_max: config.requests_in_flight_max,
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        header_bytes_max: config.header_bytes_max,
+        send_timeout: Duration::from_millis(config.send_timeout_ms),
+        response_bytes_max: config.response_bytes_max,
         ..Default::default()
     })
 }

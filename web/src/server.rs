@@ -5,21 +5,31 @@
 //! gets `header_read_timeout` to send its headers; headers are capped by `header_bytes_max`;
 //! bodies over `body_bytes_max` are refused with 413 from their `Content-Length` or as soon
 //! as they grow past it.
+//!
+//! Slow readers: hyper holds at most one answer per connection, but a client that asks for a
+//! large page and never reads it pins that answer. So every answer to a read (GET) takes its
+//! size from one budget, `response_bytes_max`, until its last chunk has been handed to the
+//! socket; a read answered when the budget is spent gets 429 instead. And a connection whose
+//! writes make no progress for `send_timeout` is closed, which gives its budget back.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::HttpMetrics;
 use crate::routes::{self, Answer, Call};
@@ -40,6 +50,12 @@ pub struct WebConfig {
     /// API calls answered at once (long-polls aside); more get 429 at once.
     pub requests_in_flight_max: usize,
     pub header_read_timeout: Duration,
+    /// A connection whose answer makes no progress this long (the client stopped reading)
+    /// is closed.
+    pub send_timeout: Duration,
+    /// Bytes of answers to reads that may wait to be sent, over all connections; past it,
+    /// reads get 429.
+    pub response_bytes_max: usize,
     /// Where requests are counted; the node registers it in its registry.
     pub metrics: Arc<HttpMetrics>,
 }
@@ -56,6 +72,8 @@ impl Default for WebConfig {
             connections_max: 19_500,
             requests_in_flight_max: 256,
             header_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            response_bytes_max: 256 << 20,
             metrics: Arc::default(),
         }
     }
@@ -116,6 +134,7 @@ pub async fn run<B: Backend>(
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.connections_max));
     let calls = Arc::new(Semaphore::new(config.requests_in_flight_max.max(1)));
+    let budget = Arc::new(Semaphore::new(kib(config.response_bytes_max).min(Semaphore::MAX_PERMITS)));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -137,13 +156,15 @@ pub async fn run<B: Backend>(
         };
         config.metrics.connections.inc();
         let _ = stream.set_nodelay(true);
-        let (backend, config, calls) = (backend.clone(), config.clone(), calls.clone());
+        let (backend, config, calls, budget) = (backend.clone(), config.clone(), calls.clone(), budget.clone());
         let (header_read_timeout, header_bytes_max) = (config.header_read_timeout, config.header_bytes_max);
+        let stream = SendTimeout { inner: stream, limit: config.send_timeout, stalled: None };
         tokio::spawn(async move {
             let config_for_service = config.clone();
             let service = hyper::service::service_fn(move |request| {
                 let (backend, config, calls) = (backend.clone(), config_for_service.clone(), calls.clone());
-                async move { Ok::<_, Infallible>(handle(&*backend, &config, &calls, peer, request).await) }
+                let budget = budget.clone();
+                async move { Ok::<_, Infallible>(handle(&*backend, &config, &calls, &budget, peer, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -161,9 +182,11 @@ async fn handle<B: Backend>(
     backend: &B,
     config: &WebConfig,
     calls: &Semaphore,
+    budget: &Arc<Semaphore>,
     peer: SocketAddr,
     request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
     let origin = request
         .headers()
         .get(header::ORIGIN)
@@ -176,6 +199,18 @@ async fn handle<B: Backend>(
         Ok(response) => response,
         Err(error) => error_response(&error),
     };
+    // Assets are static (no heap to pin); answers to writes are bounded per connection by the
+    // body limit, and refusing them after the write happened would mislead the client.
+    let mut permit = None;
+    if reads && route != "asset" {
+        match budget.clone().try_acquire_many_owned(kib(response.body().len()) as u32) {
+            Ok(taken) => permit = Some(taken),
+            Err(_) => {
+                config.metrics.refused("response_bytes");
+                response = error_response(&ApiError::overloaded("too many answers are waiting for slow clients"));
+            }
+        }
+    }
     config.metrics.answered(route, response.status().as_u16(), started.elapsed().as_secs_f64());
     if let Some(origin) = origin {
         let headers = response.headers_mut();
@@ -183,7 +218,111 @@ async fn handle<B: Backend>(
         headers.insert(header::VARY, HeaderValue::from_static("origin"));
         headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
     }
-    response
+    response.map(|rest| Body { rest, _budget: permit })
+}
+
+/// Whole KiB, rounded up: the budget's unit, so a semaphore's permits cover any size.
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024)
+}
+
+/// Bytes handed to hyper per frame: hyper asks for the next one only once its write buffer
+/// has room, so an answer stays here, counted, until the client has read most of it.
+const CHUNK_BYTES: usize = 16 * 1024;
+
+/// An answer, sent in chunks, holding its share of the answer budget until the last chunk
+/// is taken (or the connection is dropped).
+struct Body {
+    rest: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let chunk = this.rest.split_to(this.rest.len().min(CHUNK_BYTES));
+        if this.rest.is_empty() {
+            this._budget = None;
+        }
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
+/// A connection's socket whose writes fail with `TimedOut` once one has made no progress for
+/// `limit`: hyper then closes the connection. Only a client that stopped reading (a full
+/// socket buffer) makes a write wait; reads are untouched (the header timeout and the
+/// long-poll waits bound those).
+struct SendTimeout<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> SendTimeout<S> {
+    fn watch<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 async fn respond<B: Backend>(
@@ -193,7 +332,7 @@ async fn respond<B: Backend>(
     peer: SocketAddr,
     request: Request<Incoming>,
     name: &mut &'static str,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<Bytes>, ApiError> {
     let (route, methods) = routes::resolve(request.uri().path()).ok_or_else(ApiError::not_found)?;
     *name = route.name();
     let method = request.method().clone();
@@ -244,7 +383,7 @@ async fn read_body(config: &WebConfig, request: Request<Incoming>) -> Result<Byt
     }
 }
 
-fn preflight(methods: &[Method]) -> Response<Full<Bytes>> {
+fn preflight(methods: &[Method]) -> Response<Bytes> {
     let mut response = with_status(204, Bytes::new());
     let allow: Vec<&str> = methods.iter().map(Method::as_str).chain(["OPTIONS"]).collect();
     let headers = response.headers_mut();
@@ -275,20 +414,20 @@ fn loopback_origin(origin: &str) -> bool {
     port_ok && (host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()))
 }
 
-fn with_status(status: u16, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
+fn with_status(status: u16, body: Bytes) -> Response<Bytes> {
+    let mut response = Response::new(body);
     *response.status_mut() = StatusCode::from_u16(status).expect("valid status");
     response
 }
 
-fn with_type(status: u16, kind: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+fn with_type(status: u16, kind: &'static str, body: Bytes) -> Response<Bytes> {
     let mut response = with_status(status, body);
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
-fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
+fn error_response(error: &ApiError) -> Response<Bytes> {
     let body = serde_json::json!({ "error": { "code": error.code, "message": error.message } });
     let mut response = with_type(error.status, "application/json", Bytes::from(body.to_string()));
     if let Some(seconds) = error.retry_after() {
