@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub send_timeout_ms: Option<u64>,
     pub response_bytes_max: Option<usize>,
     pub rocksdb_max_open_files: Option<i32>,
+    pub rocksdb_write_buffer_bytes: Option<usize>,
     pub group_commit_delay_us: Option<u64>,
     pub log_format: Option<String>,
     pub certs: Option<PathBuf>,
@@ -102,6 +103,8 @@ pub struct Config {
     /// Bytes of answers to reads waiting to be sent, over all connections; past it, 429.
     pub response_bytes_max: usize,
     pub rocksdb_max_open_files: i32,
+    /// A column family's memtable size before it is flushed (RocksDB's `write_buffer_size`).
+    pub rocksdb_write_buffer_bytes: usize,
     pub group_commit_delay_us: u64,
     pub log_json: bool,
     /// Directory with `ca.pem`, `node.pem` and `node.key`; `None` with `--dev` uses the
@@ -321,6 +324,7 @@ impl Config {
             send_timeout_ms,
             response_bytes_max,
             rocksdb_max_open_files: file.rocksdb_max_open_files.unwrap_or(256),
+            rocksdb_write_buffer_bytes: file.rocksdb_write_buffer_bytes.unwrap_or(64 << 20).max(1 << 20),
             group_commit_delay_us: file.group_commit_delay_us.unwrap_or(200),
             log_json,
             certs,

@@ -51,6 +51,7 @@ fn open_rocksdb(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create {}", config.data_dir.display()))?;
     let options = store::rocks::RocksOptions {
         max_open_files: config.rocksdb_max_open_files,
+        write_buffer_bytes: config.rocksdb_write_buffer_bytes,
         group_delay_us: config.group_commit_delay_us,
         ..Default::default()
     };
