@@ -3,6 +3,7 @@
 mod api;
 mod authz;
 mod crash;
+mod flood;
 mod harness;
 mod mesh;
 mod ops;
