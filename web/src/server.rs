@@ -517,6 +517,87 @@ mod tests {
         }
     }
 
+    /// Answers `/v1/online` at once with `0` users: an answer of about 20 bytes a user.
+    struct Many(usize);
+
+    impl Backend for Many {
+        async fn call(&self, _request: node_core::api::Request) -> node_core::api::Reply {
+            let users = (0..self.0).map(|i| format!("user-{i:08}")).collect();
+            node_core::api::Reply::Online { users, total: self.0 }
+        }
+        fn now_ms(&self) -> u64 {
+            1_000_000
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+        fn cluster(&self) -> crate::ClusterView {
+            unreachable!("not asked")
+        }
+        fn metrics(&self) -> String {
+            String::new()
+        }
+        async fn admin(&self, _call: crate::AdminCall) -> Result<serde_json::Value, ApiError> {
+            unreachable!("not asked")
+        }
+    }
+
+    async fn serve_many(users: usize, config: WebConfig) -> (SocketAddr, String) {
+        let secret = b"a-test-secret-of-enough-bytes".to_vec();
+        let token = crate::auth::mint(&secret, &crate::auth::Claims { sub: "alice".into(), exp: 2_000, svc: false });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = WebConfig { jwt_secret: secret, ..config };
+        tokio::spawn(run(listener, Arc::new(Many(users)), config, std::future::pending()));
+        (addr, token)
+    }
+
+    #[tokio::test]
+    async fn reads_past_the_answer_budget_are_refused_with_retry_after() {
+        let config = WebConfig { response_bytes_max: 8 * 1024, ..WebConfig::default() };
+        let (addr, token) = serve_many(1000, config).await;
+        let refused = get(addr, token).await;
+        assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+        assert!(refused.to_ascii_lowercase().contains("retry-after: 1"), "{refused}");
+        assert!(refused.contains("slow clients"), "{refused}");
+        let config = WebConfig { response_bytes_max: 8 * 1024, ..WebConfig::default() };
+        let (addr, token) = serve_many(10, config).await;
+        assert!(get(addr, token).await.starts_with("HTTP/1.1 200"), "a small answer fits");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed_after_the_send_timeout_and_its_budget_returns() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // About 8 MB an answer, in a budget of 12 MiB: one slow reader holds most of it. (On
+        // loopback the kernel takes up to 4 MB of an answer into its socket buffers, from
+        // the large MSS; the rest stays here, counted.)
+        let config = WebConfig {
+            response_bytes_max: 12 << 20,
+            send_timeout: Duration::from_millis(300),
+            ..WebConfig::default()
+        };
+        let (addr, token) = serve_many(500_000, config).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut slow = socket.connect(addr).await.unwrap();
+        let request = format!("GET /v1/online HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+        slow.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let meanwhile = get(addr, token.clone()).await;
+        assert!(
+            meanwhile.starts_with("HTTP/1.1 429"),
+            "the budget is held by the slow reader: {}",
+            &meanwhile[..meanwhile.len().min(300)]
+        );
+        // It stops reading for longer than the send timeout: the node closes the connection,
+        // so reading now ends before the whole answer did.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut got)).await.unwrap();
+        assert!(read.is_err() || got.len() < 6_000_000, "the slow reader was cut off ({} bytes)", got.len());
+        assert!(get(addr, token).await.starts_with("HTTP/1.1 200"), "its budget came back");
+    }
+
     #[test]
     fn allow_nets() {
         let net = AllowNet::parse("127.0.0.0/8").unwrap();
