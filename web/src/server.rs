@@ -18,7 +18,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +28,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::HttpMetrics;
@@ -158,13 +158,17 @@ pub async fn run<B: Backend>(
         let _ = stream.set_nodelay(true);
         let (backend, config, calls, budget) = (backend.clone(), config.clone(), calls.clone(), budget.clone());
         let (header_read_timeout, header_bytes_max) = (config.header_read_timeout, config.header_bytes_max);
-        let stream = SendTimeout { inner: stream, limit: config.send_timeout, stalled: None };
+        let socket = Shared(Arc::new(stream));
+        let stream = SendTimeout { inner: socket.clone(), limit: config.send_timeout, stalled: None };
         tokio::spawn(async move {
             let config_for_service = config.clone();
             let service = hyper::service::service_fn(move |request| {
                 let (backend, config, calls) = (backend.clone(), config_for_service.clone(), calls.clone());
-                let budget = budget.clone();
-                async move { Ok::<_, Infallible>(handle(&*backend, &config, &calls, &budget, peer, request).await) }
+                let (budget, socket) = (budget.clone(), socket.clone());
+                async move {
+                    let answered = handle(&*backend, &config, &calls, &budget, &socket, peer, request).await;
+                    Ok::<_, Infallible>(answered)
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -183,6 +187,7 @@ async fn handle<B: Backend>(
     config: &WebConfig,
     calls: &Semaphore,
     budget: &Arc<Semaphore>,
+    socket: &Shared,
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Response<Body> {
@@ -195,7 +200,22 @@ async fn handle<B: Backend>(
         .map(str::to_owned);
     let started = tokio::time::Instant::now();
     let mut route = "unknown";
-    let mut response = match respond(backend, config, calls, peer, request, &mut route).await {
+    let responding = respond(backend, config, calls, peer, request, &mut route);
+    // A read (a long-poll above all) whose client has gone is dropped at once, which takes it
+    // out of the core's waiters; writes run to their end either way.
+    let responded = if reads {
+        tokio::select! {
+            responded = responding => Some(responded),
+            () = client_gone(&socket.0) => None,
+        }
+    } else {
+        Some(responding.await)
+    };
+    let Some(responded) = responded else {
+        config.metrics.answered(route, CLIENT_GONE, started.elapsed().as_secs_f64());
+        return with_status(CLIENT_GONE, Bytes::new()).map(|rest| Body { rest, _budget: None });
+    };
+    let mut response = match responded {
         Ok(response) => response,
         Err(error) => error_response(&error),
     };
@@ -219,6 +239,93 @@ async fn handle<B: Backend>(
         headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
     }
     response.map(|rest| Body { rest, _budget: permit })
+}
+
+/// The status counted for a read whose client closed its connection first (nginx's): never
+/// sent, there is nobody to send it to.
+const CLIENT_GONE: u16 = 499;
+
+/// Resolves once the client has closed its end of the connection (end of file, or an
+/// error), never while it is there. hyper itself notices an end of file while an answer is
+/// pending only when nothing else is buffered: a client that pipelined another request behind
+/// a long-poll and then closed would hold its waiter slot until the wait ran out. This looks at
+/// the socket itself. Data waiting in the socket (more pipelining) hides an end of file from a
+/// peek, so then it looks again every second.
+async fn client_gone(socket: &TcpStream) {
+    let mut byte = [0u8; 1];
+    loop {
+        match socket.peek(&mut byte).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// A connection's socket, shared by hyper (which reads and writes it through this) and the
+/// requests on it (which watch it with [`client_gone`]). Both run on the connection's one
+/// task, so the readiness either registers wakes the same task.
+#[derive(Clone)]
+struct Shared(Arc<TcpStream>);
+
+impl AsyncRead for Shared {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Shared {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(())) // A socket has nothing of ours to flush.
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // tokio shuts a shared stream's writing down only through `&mut`: do it on a duplicate
+        // of the descriptor (the socket is one; the duplicate closes at once). Out of
+        // descriptors, skip it: closing the socket, next, ends the connection anyway.
+        use std::os::fd::AsFd;
+        if let Ok(fd) = self.0.as_fd().try_clone_to_owned() {
+            let _ = std::net::TcpStream::from(fd).shutdown(std::net::Shutdown::Write);
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Whole KiB, rounded up: the budget's unit, so a semaphore's permits cover any size.

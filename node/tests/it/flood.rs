@@ -19,7 +19,7 @@ use crate::harness::{mint, read_all, ulid, Node};
 const LONG_POLLS_MAX: usize = 100;
 const CONNECTIONS_MAX: usize = 400;
 const IN_FLIGHT_MAX: usize = 16;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_BYTES_MAX: u64 = 32 << 20;
 
@@ -28,8 +28,13 @@ const RESPONSE_BYTES_MAX: u64 = 32 << 20;
 /// allocator slack. Without the answer budget the slow-reader phase alone needs about 90 MiB.
 const RSS_GROWTH_MAX_KIB: u64 = (RESPONSE_BYTES_MAX >> 10) + 40 * 1024;
 
-/// What a normal client must see after (and during) a flood: append, read, sync.
+/// What a normal client's append, read and held sync may take right after a flood (a few ms
+/// on an idle machine; the bound leaves room for a machine shared with builds).
 const RECOVERY_MAX: Duration = Duration::from_millis(1500);
+
+/// The same, while a flood is going on: the node is then busy with the flood's work too (the
+/// slow readers' 150 pages of 600 KB rendered at once take it most of a second).
+const DURING_MAX: Duration = Duration::from_secs(3);
 
 fn config(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("flood.toml");
@@ -351,7 +356,8 @@ fn long_polls_past_the_cap(node: &Node, rss: &Rss, baseline: u64) {
 }
 
 /// A long-poll whose client closed its connection leaves its slot at once, not at the end of
-/// its wait.
+/// its wait: also when the client had pipelined another request behind it (which hyper alone
+/// does not notice).
 fn disconnected_long_polls_free_their_slots(node: &Node, rss: &Rss, baseline: u64) {
     let phase = Phase::start(node, rss, baseline, "disconnected long-polls");
     let addr = addr(node);
@@ -368,7 +374,11 @@ fn disconnected_long_polls_free_their_slots(node: &Node, rss: &Rss, baseline: u6
             format!("/v1/sync?since={cursor}&timeout=60")
         };
         let token = if i % 2 == 0 { &service } else { &bob };
-        stream.write_all(&request("GET", &path, Some(token), "")).unwrap();
+        let mut ask = request("GET", &path, Some(token), "");
+        if i % 5 == 0 {
+            ask.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"); // pipelined
+        }
+        stream.write_all(&ask).unwrap();
         streams.push(stream);
     }
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -385,7 +395,7 @@ fn disconnected_long_polls_free_their_slots(node: &Node, rss: &Rss, baseline: u6
     assert_eq!(node.metric("griddle_long_polls_held"), 0.0, "closed long-polls still held after {freed_in:?}");
     assert!(freed_in < Duration::from_secs(1), "slots freed in {freed_in:?}");
     phase.finish(&format!(
-        "50 held (stream waits and syncs), clients closed, slots freed in {} ms",
+        "50 held (stream waits and syncs, 10 with a request pipelined behind), clients closed, slots freed in {} ms",
         freed_in.as_millis()
     ));
 }
@@ -402,7 +412,7 @@ fn connections_past_the_cap(node: &Node, rss: &Rss, baseline: u64) {
     std::thread::sleep(Duration::from_millis(300));
     let refused = streams.iter().filter(|s| closed(s)).count();
     // Within the header timeout, the ones over the cap and only they were closed.
-    assert!(opened_at.elapsed() < HEADER_TIMEOUT);
+    assert!(opened_at.elapsed() < HEADER_TIMEOUT, "opened in {opened_in:?}, checked by {:?}", opened_at.elapsed());
     assert!((extra..extra + 5).contains(&refused), "{refused} of {} closed at once", CONNECTIONS_MAX + extra);
     let peak_fds = fds(node.pid());
     assert!(peak_fds <= phase.fds_before + CONNECTIONS_MAX + 2, "{peak_fds} fds at the cap");
@@ -501,7 +511,8 @@ fn slow_readers(node: &Node, rss: &Rss, baseline: u64) {
     let mut streams: Vec<TcpStream> = (0..connections)
         .map(|_| {
             runtime.block_on(async {
-                // A small receive window, so the answers pile up in the node, not in our kernel.
+                // A small receive window, so the answers pile up on the node's side (its socket
+                // buffer still takes a few MB per connection on loopback, sized by the MSS).
                 let socket = tokio::net::TcpSocket::new_v4().unwrap();
                 socket.set_recv_buffer_size(4096).unwrap();
                 let stream = socket.connect(addr.parse().unwrap()).await.unwrap();
@@ -525,7 +536,7 @@ fn slow_readers(node: &Node, rss: &Rss, baseline: u64) {
     }
     let open = streams.iter().filter(|s| !closed(s)).count();
     assert_eq!(open, 0, "stalled connections still open after {:?}", stalled_at.elapsed());
-    assert!(during < RECOVERY_MAX, "a normal client took {during:?} among the slow readers");
+    assert!(during < DURING_MAX, "a normal client took {during:?} among the slow readers");
     drop(streams);
     phase.finish(&format!(
         "{connections} connections x {pipelined} pipelined reads of {} KiB never read; a normal client \
@@ -604,7 +615,7 @@ fn slowloris(node: &Node, rss: &Rss, baseline: u64) {
     assert!(first >= HEADER_TIMEOUT - Duration::from_millis(100), "closed before the header timeout: {first:?}");
     assert!(last < HEADER_TIMEOUT + Duration::from_millis(2500), "closed late: {last:?}");
     let slowest = served.iter().max().unwrap();
-    assert!(*slowest < RECOVERY_MAX, "a normal client took {slowest:?} during the slowloris");
+    assert!(*slowest < DURING_MAX, "a normal client took {slowest:?} during the slowloris");
     phase.finish(&format!(
         "{count} connections sending a header byte a second: closed between {:.1} and {:.1} s \
          (timeout {} s); {} normal clients served meanwhile, slowest {} ms",
