@@ -24,9 +24,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_BYTES_MAX: u64 = 32 << 20;
 
 /// Resident memory the node may grow by during any flood, over its size once warmed up: the
-/// answers waiting for slow readers (`response_bytes_max`), plus per-connection buffers and
-/// allocator slack. Without the answer budget the slow-reader phase alone needs about 90 MiB.
-const RSS_GROWTH_MAX_KIB: u64 = (RESPONSE_BYTES_MAX >> 10) + 40 * 1024;
+/// answers waiting for slow readers (`response_bytes_max`), the pages being rendered by the
+/// calls in flight (16 of about 1.2 MB: events read and their JSON), per-connection buffers
+/// (16 KiB each way) and allocator slack. Measured: the slow readers grow it by 36 to 51 MiB
+/// with the budget, by 116 MiB without it (`response_bytes_max` 4 GiB).
+const RSS_GROWTH_MAX_KIB: u64 = (RESPONSE_BYTES_MAX >> 10) + 48 * 1024;
 
 /// What a normal client's append, read and held sync may take right after a flood (a few ms
 /// on an idle machine; the bound leaves room for a machine shared with builds).
