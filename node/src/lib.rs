@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod config;
 mod driver;
+pub mod memory;
 pub mod mesh;
 mod metrics;
 pub mod ops;

@@ -199,6 +199,7 @@ fn main() -> anyhow::Result<()> {
 fn serve(overrides: &Overrides) -> anyhow::Result<()> {
     let config = Config::resolve(overrides)?;
     init_logs(config.log_json, &config.node_id);
+    node::memory::return_large_blocks();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     let result = runtime.block_on(async {
         let listener = TcpListener::bind(config.http).await.with_context(|| format!("bind {}", config.http))?;
