@@ -220,9 +220,10 @@ async fn handle<B: Backend>(
         Err(error) => error_response(&error),
     };
     // Assets are static (no heap to pin); answers to writes are bounded per connection by the
-    // body limit, and refusing them after the write happened would mislead the client.
+    // body limit, and refusing them after the write happened would mislead the client; the
+    // operators' routes (small) must keep answering while slow readers hold the budget.
     let mut permit = None;
-    if reads && route != "asset" {
+    if reads && !matches!(route, "asset" | "healthz" | "readyz" | "metrics") {
         match budget.clone().try_acquire_many_owned(kib(response.body().len()) as u32) {
             Ok(taken) => permit = Some(taken),
             Err(_) => {
