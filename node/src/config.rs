@@ -30,6 +30,10 @@ pub struct FileConfig {
     pub long_polls_max: Option<usize>,
     pub connections_max: Option<usize>,
     pub requests_in_flight_max: Option<usize>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub header_bytes_max: Option<usize>,
+    pub send_timeout_ms: Option<u64>,
+    pub response_bytes_max: Option<usize>,
     pub rocksdb_max_open_files: Option<i32>,
     pub rocksdb_write_buffer_bytes: Option<usize>,
     pub group_commit_delay_us: Option<u64>,
@@ -90,9 +94,17 @@ pub struct Config {
     pub long_polls_max: usize,
     pub connections_max: usize,
     pub requests_in_flight_max: usize,
+    /// How long a client has to send a request's headers (and, per request, its body).
+    pub header_read_timeout_ms: u64,
+    pub header_bytes_max: usize,
+    /// A connection whose answer makes no progress this long (a client that stopped reading)
+    /// is closed.
+    pub send_timeout_ms: u64,
+    /// Bytes of answers to reads waiting to be sent, over all connections; past it, 429.
+    pub response_bytes_max: usize,
     pub rocksdb_max_open_files: i32,
-    /// RocksDB's memtable size; `None` keeps its default (64 MiB).
-    pub rocksdb_write_buffer_bytes: Option<usize>,
+    /// A column family's memtable size before it is flushed (RocksDB's `write_buffer_size`).
+    pub rocksdb_write_buffer_bytes: usize,
     pub group_commit_delay_us: u64,
     pub log_json: bool,
     /// Directory with `ca.pem`, `node.pem` and `node.key`; `None` with `--dev` uses the
@@ -263,6 +275,25 @@ impl Config {
         if !(0.0..=1.0).contains(&weight) {
             bail!("weight must be 0..1 (got {weight})");
         }
+        let header_read_timeout_ms = file.header_read_timeout_ms.unwrap_or(10_000);
+        if header_read_timeout_ms == 0 {
+            bail!("header_read_timeout_ms must be above 0");
+        }
+        // hyper needs room for at least one read buffer (8 KiB) of headers.
+        let header_bytes_max = file.header_bytes_max.unwrap_or(16 * 1024);
+        if header_bytes_max < 8192 {
+            bail!("header_bytes_max must be at least 8192 (got {header_bytes_max})");
+        }
+        let send_timeout_ms = file.send_timeout_ms.unwrap_or(30_000);
+        if send_timeout_ms == 0 {
+            bail!("send_timeout_ms must be above 0");
+        }
+        // The largest answer (a page of 100 events of up to 64 KiB) must fit, or it could
+        // never be sent.
+        let response_bytes_max = file.response_bytes_max.unwrap_or(256 << 20);
+        if response_bytes_max < 8 << 20 {
+            bail!("response_bytes_max must be at least 8 MiB (8388608), got {response_bytes_max}");
+        }
         let data_dir =
             flags.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("griddle-data").join(&node_id));
         Ok(Config {
@@ -288,8 +319,12 @@ impl Config {
             long_polls_max: file.long_polls_max.unwrap_or(19_000),
             connections_max: file.connections_max.unwrap_or(19_500),
             requests_in_flight_max: file.requests_in_flight_max.unwrap_or(256),
+            header_read_timeout_ms,
+            header_bytes_max,
+            send_timeout_ms,
+            response_bytes_max,
             rocksdb_max_open_files: file.rocksdb_max_open_files.unwrap_or(256),
-            rocksdb_write_buffer_bytes: file.rocksdb_write_buffer_bytes,
+            rocksdb_write_buffer_bytes: file.rocksdb_write_buffer_bytes.unwrap_or(64 << 20).max(64 << 10),
             group_commit_delay_us: file.group_commit_delay_us.unwrap_or(200),
             log_json,
             certs,

@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod damage;
 mod driver;
+pub mod memory;
 pub mod mesh;
 mod metrics;
 pub mod ops;
@@ -52,8 +53,8 @@ fn open_rocksdb(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create {}", config.data_dir.display()))?;
     let options = store::rocks::RocksOptions {
         max_open_files: config.rocksdb_max_open_files,
-        group_delay_us: config.group_commit_delay_us,
         write_buffer_bytes: config.rocksdb_write_buffer_bytes,
+        group_delay_us: config.group_commit_delay_us,
         ..Default::default()
     };
     Ok(Arc::new(store::rocks::RocksStore::open(&config.data_dir, options).context("open store")?))
@@ -96,6 +97,10 @@ pub fn web_config(config: &Config) -> anyhow::Result<web::WebConfig> {
         ops_allow,
         connections_max: config.connections_max,
         requests_in_flight_max: config.requests_in_flight_max,
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        header_bytes_max: config.header_bytes_max,
+        send_timeout: Duration::from_millis(config.send_timeout_ms),
+        response_bytes_max: config.response_bytes_max,
         ..Default::default()
     })
 }

@@ -199,6 +199,7 @@ fn main() -> anyhow::Result<()> {
 fn serve(overrides: &Overrides) -> anyhow::Result<()> {
     let config = Config::resolve(overrides)?;
     init_logs(config.log_json, &config.node_id);
+    node::memory::return_large_blocks();
     // Each turn is one life of the node. Damaged data ends a life (`node::damage`): the
     // runtime goes with everything it held (store, sockets, tasks), the copy is set aside,
     // and the next life starts with a fresh disk that the replicas rebuild.

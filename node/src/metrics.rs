@@ -63,6 +63,12 @@ impl Collector for NodeCollector {
         counter(e, "griddle_store_events", "Events appended to the store.", stats.events)?;
         counter(e, "griddle_store_appends", "Append batches handed to the store.", stats.appends)?;
         counter(e, "griddle_store_wal_syncs", "Synced WAL writes (one per group commit).", stats.syncs)?;
+        gauge(
+            e,
+            "griddle_store_cache_bytes",
+            "Memory the store holds by design within its own bounds (RocksDB memtables and block cache).",
+            stats.cache_bytes as i64,
+        )?;
         counter(
             e,
             "griddle_store_corrupt_reads",

@@ -548,6 +548,7 @@ impl Store for FdbStore {
             appends: self.stats.appends.load(Ordering::Relaxed),
             syncs: self.stats.syncs.load(Ordering::Relaxed),
             groups: *self.stats.groups.lock(),
+            cache_bytes: 0,
         }
     }
 }

@@ -52,6 +52,10 @@ pub struct StoreStats {
     /// [`GROUP_BOUNDS`]`[i]` appends (and more than the bound before it); larger groups
     /// count only in `syncs`.
     pub groups: [u64; GROUP_BOUNDS.len()],
+    /// Memory the backend holds by design and bounds by its own settings (RocksDB: the
+    /// memtables of every column family and the block cache), so a soak can tell it apart
+    /// from growth that is not bounded. 0 where the backend keeps none.
+    pub cache_bytes: u64,
 }
 
 /// The upper bounds of [`StoreStats::groups`].

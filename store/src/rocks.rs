@@ -60,9 +60,9 @@ pub struct RocksOptions {
     /// group's first append the writer collects more before syncing, in microseconds, like
     /// PostgreSQL's `commit_delay`. An idle store never waits. 0 turns it off.
     pub group_delay_us: u64,
-    /// RocksDB's memtable size per column family (`write_buffer_size`); `None` keeps
-    /// RocksDB's 64 MiB. Small values flush and compact often (tests of crashes in them).
-    pub write_buffer_bytes: Option<usize>,
+    /// Bytes a column family's memtable takes before it is flushed to an SST file
+    /// (RocksDB's `write_buffer_size`; its default is 64 MiB). Each family keeps at most two.
+    pub write_buffer_bytes: usize,
 }
 
 impl Default for RocksOptions {
@@ -72,7 +72,7 @@ impl Default for RocksOptions {
             queue_len_max: 8192,
             group_events_max: 4096,
             group_delay_us: 200,
-            write_buffer_bytes: None,
+            write_buffer_bytes: 64 << 20,
         }
     }
 }
@@ -104,9 +104,7 @@ impl RocksStore {
         db_options.set_paranoid_checks(true);
         db_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
         db_options.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
-        if let Some(bytes) = options.write_buffer_bytes {
-            db_options.set_write_buffer_size(bytes);
-        }
+        db_options.set_write_buffer_size(options.write_buffer_bytes);
         let families =
             [CF_EVENTS, CF_IDS, CF_META].into_iter().map(|name| ColumnFamilyDescriptor::new(name, db_options.clone()));
         let db = DB::open_cf_descriptors(&db_options, path, families)
@@ -129,6 +127,18 @@ impl RocksStore {
     /// Holds every sync until the guard drops: lets tests see that nothing unsynced is visible.
     pub fn hold_syncs(&self) -> MutexGuard<'_, ()> {
         self.gate.lock()
+    }
+
+    /// Memtables of every column family, and the block cache. The families are opened with
+    /// copies of one `Options`, whose table factory (and so its default block cache) they
+    /// share: its usage is counted once.
+    fn cache_bytes(&self) -> u64 {
+        let property = |cf: &rocksdb::ColumnFamily, name: &str| self.db.property_int_value_cf(cf, name).ok().flatten();
+        let memtables: u64 = [CF_EVENTS, CF_IDS, CF_META]
+            .into_iter()
+            .filter_map(|name| property(self.cf(name), "rocksdb.cur-size-all-mem-tables"))
+            .sum();
+        memtables + property(self.cf(CF_EVENTS), "rocksdb.block-cache-usage").unwrap_or(0)
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -401,6 +411,7 @@ impl Store for RocksStore {
             appends: self.stats.appends.load(Ordering::Relaxed),
             syncs: self.stats.syncs.load(Ordering::Relaxed),
             groups: *self.stats.groups.lock(),
+            cache_bytes: self.cache_bytes(),
         }
     }
 

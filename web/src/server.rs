@@ -5,21 +5,31 @@
 //! gets `header_read_timeout` to send its headers; headers are capped by `header_bytes_max`;
 //! bodies over `body_bytes_max` are refused with 413 from their `Content-Length` or as soon
 //! as they grow past it.
+//!
+//! Slow readers: hyper holds at most one answer per connection, but a client that asks for a
+//! large page and never reads it pins that answer. So every answer to a read (GET) takes its
+//! size from one budget, `response_bytes_max`, until its last chunk has been handed to the
+//! socket; a read answered when the budget is spent gets 429 instead. And a connection whose
+//! writes make no progress for `send_timeout` is closed, which gives its budget back.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::HttpMetrics;
 use crate::routes::{self, Answer, Call};
@@ -40,6 +50,12 @@ pub struct WebConfig {
     /// API calls answered at once (long-polls aside); more get 429 at once.
     pub requests_in_flight_max: usize,
     pub header_read_timeout: Duration,
+    /// A connection whose answer makes no progress this long (the client stopped reading)
+    /// is closed.
+    pub send_timeout: Duration,
+    /// Bytes of answers to reads that may wait to be sent, over all connections; past it,
+    /// reads get 429.
+    pub response_bytes_max: usize,
     /// Where requests are counted; the node registers it in its registry.
     pub metrics: Arc<HttpMetrics>,
 }
@@ -56,6 +72,8 @@ impl Default for WebConfig {
             connections_max: 19_500,
             requests_in_flight_max: 256,
             header_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            response_bytes_max: 256 << 20,
             metrics: Arc::default(),
         }
     }
@@ -116,6 +134,7 @@ pub async fn run<B: Backend>(
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.connections_max));
     let calls = Arc::new(Semaphore::new(config.requests_in_flight_max.max(1)));
+    let budget = Arc::new(Semaphore::new(kib(config.response_bytes_max).min(Semaphore::MAX_PERMITS)));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -137,13 +156,19 @@ pub async fn run<B: Backend>(
         };
         config.metrics.connections.inc();
         let _ = stream.set_nodelay(true);
-        let (backend, config, calls) = (backend.clone(), config.clone(), calls.clone());
+        let (backend, config, calls, budget) = (backend.clone(), config.clone(), calls.clone(), budget.clone());
         let (header_read_timeout, header_bytes_max) = (config.header_read_timeout, config.header_bytes_max);
+        let socket = Shared(Arc::new(stream));
+        let stream = SendTimeout { inner: socket.clone(), limit: config.send_timeout, stalled: None };
         tokio::spawn(async move {
             let config_for_service = config.clone();
             let service = hyper::service::service_fn(move |request| {
                 let (backend, config, calls) = (backend.clone(), config_for_service.clone(), calls.clone());
-                async move { Ok::<_, Infallible>(handle(&*backend, &config, &calls, peer, request).await) }
+                let (budget, socket) = (budget.clone(), socket.clone());
+                async move {
+                    let answered = handle(&*backend, &config, &calls, &budget, &socket, peer, request).await;
+                    Ok::<_, Infallible>(answered)
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -161,9 +186,12 @@ async fn handle<B: Backend>(
     backend: &B,
     config: &WebConfig,
     calls: &Semaphore,
+    budget: &Arc<Semaphore>,
+    socket: &Shared,
     peer: SocketAddr,
     request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
     let origin = request
         .headers()
         .get(header::ORIGIN)
@@ -172,10 +200,38 @@ async fn handle<B: Backend>(
         .map(str::to_owned);
     let started = tokio::time::Instant::now();
     let mut route = "unknown";
-    let mut response = match respond(backend, config, calls, peer, request, &mut route).await {
+    let responding = respond(backend, config, calls, peer, request, &mut route);
+    // A read (a long-poll above all) whose client has gone is dropped at once, which takes it
+    // out of the core's waiters; writes run to their end either way.
+    let responded = if reads {
+        tokio::select! {
+            responded = responding => Some(responded),
+            () = client_gone(&socket.0) => None,
+        }
+    } else {
+        Some(responding.await)
+    };
+    let Some(responded) = responded else {
+        config.metrics.answered(route, CLIENT_GONE, started.elapsed().as_secs_f64());
+        return with_status(CLIENT_GONE, Bytes::new()).map(|rest| Body { rest, _budget: None });
+    };
+    let mut response = match responded {
         Ok(response) => response,
         Err(error) => error_response(&error),
     };
+    // Assets are static (no heap to pin); answers to writes are bounded per connection by the
+    // body limit, and refusing them after the write happened would mislead the client; the
+    // operators' routes (small) must keep answering while slow readers hold the budget.
+    let mut permit = None;
+    if reads && !matches!(route, "asset" | "healthz" | "readyz" | "metrics") {
+        match budget.clone().try_acquire_many_owned(kib(response.body().len()) as u32) {
+            Ok(taken) => permit = Some(taken),
+            Err(_) => {
+                config.metrics.refused("response_bytes");
+                response = error_response(&ApiError::overloaded("too many answers are waiting for slow clients"));
+            }
+        }
+    }
     config.metrics.answered(route, response.status().as_u16(), started.elapsed().as_secs_f64());
     if let Some(origin) = origin {
         let headers = response.headers_mut();
@@ -183,7 +239,198 @@ async fn handle<B: Backend>(
         headers.insert(header::VARY, HeaderValue::from_static("origin"));
         headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
     }
-    response
+    response.map(|rest| Body { rest, _budget: permit })
+}
+
+/// The status counted for a read whose client closed its connection first (nginx's): never
+/// sent, there is nobody to send it to.
+const CLIENT_GONE: u16 = 499;
+
+/// Resolves once the client has closed its end of the connection (end of file, or an
+/// error), never while it is there. hyper itself notices an end of file while an answer is
+/// pending only when nothing else is buffered: a client that pipelined another request behind
+/// a long-poll and then closed would hold its waiter slot until the wait ran out. This looks at
+/// the socket itself. Data waiting in the socket (more pipelining) hides an end of file from a
+/// peek, so then it looks again every second.
+async fn client_gone(socket: &TcpStream) {
+    let mut byte = [0u8; 1];
+    loop {
+        match socket.peek(&mut byte).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// A connection's socket, shared by hyper (which reads and writes it through this) and the
+/// requests on it (which watch it with [`client_gone`]). Both run on the connection's one
+/// task, so the readiness either registers wakes the same task.
+#[derive(Clone)]
+struct Shared(Arc<TcpStream>);
+
+impl AsyncRead for Shared {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Shared {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(())) // A socket has nothing of ours to flush.
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // tokio shuts a shared stream's writing down only through `&mut`: do it on a duplicate
+        // of the descriptor (the socket is one; the duplicate closes at once). Out of
+        // descriptors, skip it: closing the socket, next, ends the connection anyway.
+        use std::os::fd::AsFd;
+        if let Ok(fd) = self.0.as_fd().try_clone_to_owned() {
+            let _ = std::net::TcpStream::from(fd).shutdown(std::net::Shutdown::Write);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Whole KiB, rounded up: the budget's unit, so a semaphore's permits cover any size.
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024)
+}
+
+/// Bytes handed to hyper per frame: hyper asks for the next one only once its write buffer
+/// has room, so an answer stays here, counted, until the client has read most of it.
+const CHUNK_BYTES: usize = 16 * 1024;
+
+/// An answer, sent in chunks, holding its share of the answer budget until the last chunk
+/// is taken (or the connection is dropped).
+struct Body {
+    rest: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let chunk = this.rest.split_to(this.rest.len().min(CHUNK_BYTES));
+        if this.rest.is_empty() {
+            this._budget = None;
+        }
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
+/// A connection's socket whose writes fail with `TimedOut` once one has made no progress for
+/// `limit`: hyper then closes the connection. Only a client that stopped reading (a full
+/// socket buffer) makes a write wait; reads are untouched (the header timeout and the
+/// long-poll waits bound those).
+struct SendTimeout<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> SendTimeout<S> {
+    fn watch<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 async fn respond<B: Backend>(
@@ -193,7 +440,7 @@ async fn respond<B: Backend>(
     peer: SocketAddr,
     request: Request<Incoming>,
     name: &mut &'static str,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<Bytes>, ApiError> {
     let (route, methods) = routes::resolve(request.uri().path()).ok_or_else(ApiError::not_found)?;
     *name = route.name();
     let method = request.method().clone();
@@ -244,7 +491,7 @@ async fn read_body(config: &WebConfig, request: Request<Incoming>) -> Result<Byt
     }
 }
 
-fn preflight(methods: &[Method]) -> Response<Full<Bytes>> {
+fn preflight(methods: &[Method]) -> Response<Bytes> {
     let mut response = with_status(204, Bytes::new());
     let allow: Vec<&str> = methods.iter().map(Method::as_str).chain(["OPTIONS"]).collect();
     let headers = response.headers_mut();
@@ -275,20 +522,20 @@ fn loopback_origin(origin: &str) -> bool {
     port_ok && (host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()))
 }
 
-fn with_status(status: u16, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
+fn with_status(status: u16, body: Bytes) -> Response<Bytes> {
+    let mut response = Response::new(body);
     *response.status_mut() = StatusCode::from_u16(status).expect("valid status");
     response
 }
 
-fn with_type(status: u16, kind: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+fn with_type(status: u16, kind: &'static str, body: Bytes) -> Response<Bytes> {
     let mut response = with_status(status, body);
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
-fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
+fn error_response(error: &ApiError) -> Response<Bytes> {
     let body = serde_json::json!({ "error": { "code": error.code, "message": error.message } });
     let mut response = with_type(error.status, "application/json", Bytes::from(body.to_string()));
     if let Some(seconds) = error.retry_after() {
@@ -376,6 +623,87 @@ mod tests {
         for call in held {
             assert!(call.await.unwrap().starts_with("HTTP/1.1 200"));
         }
+    }
+
+    /// Answers `/v1/online` at once with `0` users: an answer of about 20 bytes a user.
+    struct Many(usize);
+
+    impl Backend for Many {
+        async fn call(&self, _request: node_core::api::Request) -> node_core::api::Reply {
+            let users = (0..self.0).map(|i| format!("user-{i:08}")).collect();
+            node_core::api::Reply::Online { users, total: self.0 }
+        }
+        fn now_ms(&self) -> u64 {
+            1_000_000
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+        fn cluster(&self) -> crate::ClusterView {
+            unreachable!("not asked")
+        }
+        fn metrics(&self) -> String {
+            String::new()
+        }
+        async fn admin(&self, _call: crate::AdminCall) -> Result<serde_json::Value, ApiError> {
+            unreachable!("not asked")
+        }
+    }
+
+    async fn serve_many(users: usize, config: WebConfig) -> (SocketAddr, String) {
+        let secret = b"a-test-secret-of-enough-bytes".to_vec();
+        let token = crate::auth::mint(&secret, &crate::auth::Claims { sub: "alice".into(), exp: 2_000, svc: false });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = WebConfig { jwt_secret: secret, ..config };
+        tokio::spawn(run(listener, Arc::new(Many(users)), config, std::future::pending()));
+        (addr, token)
+    }
+
+    #[tokio::test]
+    async fn reads_past_the_answer_budget_are_refused_with_retry_after() {
+        let config = WebConfig { response_bytes_max: 8 * 1024, ..WebConfig::default() };
+        let (addr, token) = serve_many(1000, config).await;
+        let refused = get(addr, token).await;
+        assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+        assert!(refused.to_ascii_lowercase().contains("retry-after: 1"), "{refused}");
+        assert!(refused.contains("slow clients"), "{refused}");
+        let config = WebConfig { response_bytes_max: 8 * 1024, ..WebConfig::default() };
+        let (addr, token) = serve_many(10, config).await;
+        assert!(get(addr, token).await.starts_with("HTTP/1.1 200"), "a small answer fits");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed_after_the_send_timeout_and_its_budget_returns() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // About 8 MB an answer, in a budget of 12 MiB: one slow reader holds most of it. (On
+        // loopback the kernel takes up to 4 MB of an answer into its socket buffers, from
+        // the large MSS; the rest stays here, counted.)
+        let config = WebConfig {
+            response_bytes_max: 12 << 20,
+            send_timeout: Duration::from_millis(300),
+            ..WebConfig::default()
+        };
+        let (addr, token) = serve_many(500_000, config).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut slow = socket.connect(addr).await.unwrap();
+        let request = format!("GET /v1/online HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+        slow.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let meanwhile = get(addr, token.clone()).await;
+        assert!(
+            meanwhile.starts_with("HTTP/1.1 429"),
+            "the budget is held by the slow reader: {}",
+            &meanwhile[..meanwhile.len().min(300)]
+        );
+        // It stops reading for longer than the send timeout: the node closes the connection,
+        // so reading now ends before the whole answer did.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut got)).await.unwrap();
+        assert!(read.is_err() || got.len() < 6_000_000, "the slow reader was cut off ({} bytes)", got.len());
+        assert!(get(addr, token).await.starts_with("HTTP/1.1 200"), "its budget came back");
     }
 
     #[test]

@@ -19,7 +19,13 @@
 //! griddle-load --scenario fanout --target griddle --addr A --sub-addr B --rate 1000 --idle 10000
 //! griddle-load --scenario fanout --target nats    --addr 127.0.0.1:4222 --rate 1000 --idle 10000
 //! griddle-load --scenario hold   --target griddle --addr 127.0.0.1:7700 --count 18500 --pid PID [--keep-seconds S]
+//! griddle-load --scenario mixed  --target griddle --addr A,B,C --rate 300 --users 200 --syncs 300 --seconds 600
 //! ```
+//!
+//! `mixed` (`scripts/soak`) is a site's steady traffic: of every ten requests three chat
+//! messages, two generic appends, one flirt, three feed reads and one chat-history read,
+//! between `--users` users (each with 8 partners), while `--syncs` long-polls (`sync`, resumed from their cursors)
+//! stay held across the nodes.
 #![allow(clippy::disallowed_methods)] // A benchmark measures real time.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -35,6 +41,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 
 const PAYLOAD_BYTES: usize = 200;
+/// `mixed`: how many others each user chats with and flirts with.
+const PARTNERS: usize = 8;
 
 #[derive(Clone)]
 struct Args {
@@ -51,6 +59,8 @@ struct Args {
     idle: usize,
     subscribers: usize,
     count: usize,
+    users: usize,
+    syncs: usize,
     pid: Option<u32>,
     keep_seconds: f64,
     secret: String,
@@ -78,6 +88,8 @@ fn args() -> anyhow::Result<Args> {
         idle: number("--idle", 0.0)? as usize,
         subscribers: number("--subscribers", 100.0)? as usize,
         count: number("--count", 1000.0)? as usize,
+        users: number("--users", 200.0)? as usize,
+        syncs: number("--syncs", 0.0)? as usize,
         pid: value("--pid").map(|v| v.parse()).transpose()?,
         keep_seconds: number("--keep-seconds", 0.0)?,
         secret: value("--secret").unwrap_or_else(|| node::config::DEV_SECRET.into()),
@@ -85,6 +97,9 @@ fn args() -> anyhow::Result<Args> {
     };
     if args.connections == 0 {
         bail!("--connections must be at least 1");
+    }
+    if args.users < 2 {
+        bail!("--users must be at least 2");
     }
     Ok(args)
 }
@@ -240,6 +255,8 @@ struct Work {
     service: String,
     reader: String,
     pad: String,
+    /// `mixed`: the users' tokens (`mix-0`, `mix-1`, ...).
+    users: Vec<String>,
 }
 
 enum Client {
@@ -279,6 +296,7 @@ impl Work {
                     http.send(&http_request("POST", &self.args.addr, &path, Some(&self.service), &body)).await?;
                 Ok((status < 300, status))
             }
+            (Client::Http(http), "mixed") => self.mixed(http, connection, n).await,
             (Client::Http(http), _) => {
                 let token = (self.args.target == "griddle").then_some(self.reader.as_str());
                 let status = http.send(&http_request("GET", &self.args.addr, &self.args.path, token, "")).await?;
@@ -287,6 +305,97 @@ impl Work {
             (Client::Redis(_), scenario) => bail!("redis has no scenario {scenario}"),
         }
     }
+}
+
+impl Work {
+    /// Request `n` of connection `c` in the `mixed` scenario.
+    async fn mixed(&self, http: &mut Http, c: usize, n: u64) -> anyhow::Result<(bool, u16)> {
+        let users = self.users.len();
+        let k = c + n as usize * self.args.connections;
+        // Each user talks to the next few users only: a working set the first minute of a
+        // soak touches whole, so the node's caches settle instead of filling all run long.
+        let a = k % users;
+        let b = (a + 1 + (k / users) % PARTNERS.min(users - 1)) % users;
+        let id = store::EventId::from_parts(node::clock::now_ms(), u128::from(n) << 16 | c as u128);
+        let user = self.users[a].as_str();
+        let (method, path, token, body) = match k % 10 {
+            0..=2 => (
+                "POST",
+                format!("/v1/chats/mix-{b}/messages"),
+                user,
+                format!(r#"{{"id":"{id}","text":"message {k}"}}"#),
+            ),
+            3 | 4 => (
+                "POST",
+                format!("/v1/streams/mix:{}/events", k % 64),
+                self.service.as_str(),
+                format!(r#"[{{"id":"{id}","type":"mix","data":{{"pad":"{}"}}}}]"#, self.pad),
+            ),
+            5 => ("POST", format!("/v1/users/mix-{b}/flirts"), user, format!(r#"{{"id":"{id}"}}"#)),
+            6..=8 => ("GET", "/v1/feed?limit=20".to_owned(), user, String::new()),
+            _ => ("GET", format!("/v1/chats/mix-{b}/messages?limit=20"), user, String::new()),
+        };
+        let status = http.send(&http_request(method, &self.args.addr, &path, Some(token), &body)).await?;
+        Ok((status < 300, status))
+    }
+}
+
+/// What the held syncs of `mixed` saw.
+#[derive(Default)]
+struct SyncCounts {
+    answers: AtomicU64,
+    events: AtomicU64,
+    refused: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// `count` syncs, one per task, spread over the addresses: each opens a cursor, then
+/// long-polls from it again and again (as a browser tab does) until aborted.
+fn hold_syncs(args: &Args, work: &Work, counts: &Arc<SyncCounts>) -> Vec<tokio::task::JoinHandle<()>> {
+    let addrs: Vec<String> = args.addr.split(',').map(str::to_owned).collect();
+    (0..args.syncs)
+        .map(|i| {
+            let (addr, token, counts) =
+                (addrs[i % addrs.len()].clone(), work.users[i % work.users.len()].clone(), counts.clone());
+            tokio::spawn(async move {
+                let mut cursor: Option<String> = None;
+                let mut http: Option<Http> = None;
+                loop {
+                    let Some(open) = http.as_mut() else {
+                        match Http::open(&addr, None).await {
+                            Ok(fresh) => http = Some(fresh),
+                            Err(_) => {
+                                counts.errors.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                        continue;
+                    };
+                    let path = match &cursor {
+                        Some(cursor) => format!("/v1/sync?since={cursor}&timeout=25"),
+                        None => "/v1/sync?timeout=0".to_owned(),
+                    };
+                    match open.send(&http_request("GET", &addr, &path, Some(&token), "")).await {
+                        Ok(200) => {
+                            counts.answers.fetch_add(1, Ordering::Relaxed);
+                            let page: serde_json::Value = serde_json::from_slice(open.body()).unwrap_or_default();
+                            let events = page["events"].as_array().map_or(0, Vec::len);
+                            counts.events.fetch_add(events as u64, Ordering::Relaxed);
+                            cursor = page["cursor"].as_str().map(str::to_owned).or(cursor);
+                        }
+                        Ok(_) => {
+                            counts.refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_secs(1)).await; // Retry-After
+                        }
+                        Err(_) => {
+                            counts.errors.fetch_add(1, Ordering::Relaxed);
+                            http = None;
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
 }
 
 struct Totals {
@@ -319,7 +428,13 @@ async fn request_answer(args: &Args) -> anyhow::Result<serde_json::Value> {
         service: token(&args.secret, "bench", true),
         reader: token(&args.secret, "bench-reader", false),
         pad: "x".repeat(PAYLOAD_BYTES - 40), // with the JSON around it, about 200 bytes an event
+        users: match args.scenario.as_str() {
+            "mixed" => (0..args.users).map(|u| token(&args.secret, &format!("mix-{u}"), false)).collect(),
+            _ => Vec::new(),
+        },
     });
+    let sync_counts = Arc::new(SyncCounts::default());
+    let syncs = hold_syncs(args, &work, &sync_counts);
     if args.target == "griddle" && args.scenario == "read" {
         prepare_feed(args).await?;
     }
@@ -402,9 +517,20 @@ async fn request_answer(args: &Args) -> anyhow::Result<serde_json::Value> {
     // Answers per second of the time they took to come: the window, or longer when the
     // target fell behind the schedule (an open loop's requests are all answered eventually).
     let took = all.last_done.map_or(args.seconds, |t| t.duration_since(measure_from).as_secs_f64().max(args.seconds));
+    for sync in syncs {
+        sync.abort();
+    }
     let statuses: serde_json::Map<String, serde_json::Value> =
         all.statuses.iter().map(|(s, c)| (s.to_string(), json!(c))).collect();
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     Ok(json!({
+        "syncs": {
+            "held": args.syncs,
+            "answers": load(&sync_counts.answers),
+            "events": load(&sync_counts.events),
+            "refused": load(&sync_counts.refused),
+            "errors": load(&sync_counts.errors),
+        },
         "offered_rps": if args.rate > 0.0 { json!(args.rate) } else { json!(null) },
         "connections": args.connections,
         "seconds": args.seconds,
@@ -756,10 +882,10 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let mut figures = runtime.block_on(async {
         match args.scenario.as_str() {
-            "append" | "read" => request_answer(&args).await,
+            "append" | "read" | "mixed" => request_answer(&args).await,
             "fanout" => fanout(&args).await,
             "hold" => hold(&args).await,
-            other => bail!("unknown scenario {other}: append, read, fanout, hold"),
+            other => bail!("unknown scenario {other}: append, read, mixed, fanout, hold"),
         }
     })?;
     figures["scenario"] = json!(args.scenario);

@@ -77,6 +77,11 @@ impl Node {
         Node { child, url, mesh }
     }
 
+    /// The process id (for `/proc/PID/status` and `/proc/PID/fd`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `kill -9`.
     pub fn kill(mut self) {
         self.child.kill().unwrap();

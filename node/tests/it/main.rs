@@ -4,6 +4,7 @@ mod api;
 mod authz;
 mod crash;
 mod damage;
+mod flood;
 mod harness;
 mod mesh;
 mod ops;
