@@ -17,6 +17,32 @@ mod render;
 mod routes;
 mod server;
 
+/// Entry points for the fuzz targets (`node/fuzz`), not for use elsewhere: the request
+/// handling of a connection, minus the socket.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::{Request, Response};
+    use tokio::sync::Semaphore;
+
+    use crate::{Backend, WebConfig};
+
+    /// Answers `request` exactly as a connection's service does (CORS, routing, limits,
+    /// auth, parameters, the backend call, rendering, metrics).
+    pub async fn handle<B: Backend>(
+        backend: &B,
+        config: &WebConfig,
+        calls: &Semaphore,
+        peer: SocketAddr,
+        request: Request<Full<Bytes>>,
+    ) -> Response<Full<Bytes>> {
+        crate::server::handle(backend, config, calls, peer, request).await
+    }
+}
+
 use std::future::Future;
 
 pub use error::ApiError;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -157,12 +157,19 @@ pub async fn run<B: Backend>(
     }
 }
 
-async fn handle<B: Backend>(
+/// What a request body must be: hyper's `Incoming` on a connection, a whole `Full` body in
+/// the fuzz targets (`crate::fuzzing`).
+pub(crate) trait RequestBody: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> {}
+
+impl<T: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>> RequestBody for T {}
+
+/// Answers one request: CORS, routing, limits and the call. Never panics, whatever the input.
+pub(crate) async fn handle<B: Backend>(
     backend: &B,
     config: &WebConfig,
     calls: &Semaphore,
     peer: SocketAddr,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Response<Full<Bytes>> {
     let origin = request
         .headers()
@@ -191,7 +198,7 @@ async fn respond<B: Backend>(
     config: &WebConfig,
     calls: &Semaphore,
     peer: SocketAddr,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
     name: &mut &'static str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (route, methods) = routes::resolve(request.uri().path()).ok_or_else(ApiError::not_found)?;
@@ -220,7 +227,7 @@ async fn respond<B: Backend>(
 /// Largest oversized body we read to the end before answering 413.
 const DRAIN_BYTES_MAX: u64 = 1024 * 1024;
 
-async fn read_body(config: &WebConfig, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+async fn read_body(config: &WebConfig, request: Request<impl RequestBody>) -> Result<Bytes, ApiError> {
     let declared =
         request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > config.body_bytes_max as u64) {
