@@ -208,7 +208,7 @@ impl web::Backend for FixedBackend {
         NOW_SECS * 1000
     }
     fn ready(&self) -> bool {
-        self.reply % 2 == 0
+        self.reply.is_multiple_of(2)
     }
     fn cluster(&self) -> web::ClusterView {
         web::ClusterView {
