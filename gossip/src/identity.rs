@@ -11,8 +11,26 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 /// A node's id: 1-64 of `[A-Za-z0-9_-]`, named by its certificate.
+///
+/// Decoding checks it too (the wire form is the plain string): a gossiped member list names
+/// nodes whose certificates nobody here has seen, and an id that breaks the rule must not
+/// get in that way (found by the `gossip_wire` fuzz target).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct NodeId(String);
+
+impl TryFrom<String> for NodeId {
+    type Error = String;
+    fn try_from(id: String) -> Result<NodeId, String> {
+        NodeId::new(id).ok_or_else(|| "a node id is 1-64 of A-Z a-z 0-9 _ -".to_owned())
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(id: NodeId) -> String {
+        id.0
+    }
+}
 
 impl NodeId {
     pub fn new(id: impl Into<String>) -> Option<NodeId> {
@@ -87,5 +105,66 @@ impl foca::Identity for Identity {
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
         self.bump > adversary.bump
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Membership, Profile};
+
+    fn identity(id: &str, port: u16) -> Identity {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Identity {
+            id: NodeId::new(id).unwrap(),
+            mesh_addr: addr,
+            http_addr: addr,
+            weight_milli: 1000,
+            bump: Identity::first_bump(1_000),
+        }
+    }
+
+    /// A SWIM packet from `n2` whose member list names a node `"n\u{3}"` (the `gossip_wire`
+    /// fuzz target's input `minimized-from-b77b9a83…`, less its 3-byte packet header): before
+    /// `NodeId` checked its ids on decoding, `n1` took that node in as a member.
+    const INVALID_MEMBER_ID: &[u8] = &[
+        0x01, 0x01, 0x02, 0x6e, 0x32, 0x00, 0x7f, 0x00, 0x00, 0xda, 0x36, 0x00, 0x7f, 0x00, 0x00, 0x01, 0x36, 0xe8,
+        0x07, 0x80, 0x80, 0xa0, 0x1f, 0x00, 0x02, 0x6e, 0x31, 0x00, 0x7f, 0x00, 0x00, 0x01, 0xd9, 0x36, 0x00, 0x7f,
+        0x00, 0x00, 0x01, 0xd9, 0x36, 0xe8, 0x07, 0x80, 0x80, 0xa0, 0x1f, 0x00, 0x01, 0x00, 0x01, 0x02, 0x6e, 0x03,
+        0x00, 0x7f, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0xd9, 0x33, 0x00, 0x00, 0x00, 0x01, 0x00,
+    ];
+
+    #[test]
+    fn fuzz_regression_gossip_never_teaches_an_invalid_node_id() {
+        let me = identity("n1", 7001);
+        let mut machine = Membership::new(me, vec![identity("n2", 7002).mesh_addr], Profile::default(), 1, 10_000);
+        let _ = machine.handle_packet(10_000, &NodeId::new("n2").unwrap(), INVALID_MEMBER_ID);
+        machine.tick(10_048);
+        for (member, _) in machine.members() {
+            assert!(NodeId::new(member.id.as_str()).is_some(), "{member:?}");
+        }
+    }
+
+    #[test]
+    fn node_ids_are_checked_when_decoded() {
+        use foca::Codec as _;
+        // A member encoded under a valid id, then the id's bytes swapped for one of the same
+        // length, decoded as foca decodes a packet's members.
+        let check = |id: &str, ok: bool| {
+            let twin = "x".repeat(id.len());
+            let member = foca::Member::alive(identity(&twin, 7003));
+            let mut bytes = Vec::new();
+            foca::PostcardCodec.encode_member(&member, &mut bytes).unwrap();
+            let at = bytes.windows(twin.len()).position(|w| w == twin.as_bytes()).unwrap();
+            bytes[at..at + id.len()].copy_from_slice(id.as_bytes());
+            let decoded = foca::PostcardCodec.decode_member(&bytes[..]).map(|m: foca::Member<Identity>| m.id().clone());
+            assert_eq!(decoded.is_ok(), ok, "{id:?}: {decoded:?}");
+        };
+        check("n1", true);
+        check("node_A-9", true);
+        check("n\u{3}", false);
+        check("a.b", false);
+        check("n 1", false);
+        check(&"é".repeat(32), false);
     }
 }

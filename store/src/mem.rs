@@ -202,7 +202,8 @@ impl Store for MemStore {
         let slice = match range {
             ReadRange::After { after, limit } => {
                 let start = (after.0 as usize).min(events.len());
-                &events[start..(start + limit).min(events.len())]
+                // Any limit is valid, `usize::MAX` too (found by the store property test).
+                &events[start..start.saturating_add(limit).min(events.len())]
             }
             ReadRange::Before { before, limit } => {
                 let end = before.map_or(events.len(), |b| (b.0.saturating_sub(1) as usize).min(events.len()));

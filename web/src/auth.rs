@@ -77,14 +77,17 @@ pub fn verify(secret: &[u8], token: &str, now_secs: u64) -> Result<Claims, AuthE
         return Err(AuthError::Malformed);
     };
     let decode = |part: &str| URL_SAFE_NO_PAD.decode(part).map_err(|_| AuthError::Malformed);
-    let parsed: Header = serde_json::from_slice(&decode(header)?).map_err(|_| AuthError::Malformed)?;
+    // Header and claims must be UTF-8 JSON (RFC 7519, 7.2): `serde_json::from_slice` skips
+    // the fields it ignores without checking their UTF-8 (found by the `token` fuzz target).
+    let json = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|_| AuthError::Malformed);
+    let parsed: Header = serde_json::from_str(&json(decode(header)?)?).map_err(|_| AuthError::Malformed)?;
     if parsed.alg != "HS256" || parsed.crit.is_some() {
         return Err(AuthError::BadSignature);
     }
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(&token.as_bytes()[..header.len() + 1 + payload.len()]);
     mac.verify_slice(&decode(signature)?).map_err(|_| AuthError::BadSignature)?;
-    let body: Body = serde_json::from_slice(&decode(payload)?).map_err(|_| AuthError::Malformed)?;
+    let body: Body = serde_json::from_str(&json(decode(payload)?)?).map_err(|_| AuthError::Malformed)?;
     if !body.exp.is_finite() || body.exp <= now_secs as f64 {
         return Err(AuthError::Expired);
     }
@@ -104,7 +107,7 @@ mod tests {
         Claims { sub: sub.into(), exp, svc: false }
     }
 
-    fn forge(header: &str, payload: &str, secret: &[u8]) -> String {
+    fn forge(header: impl AsRef<[u8]>, payload: impl AsRef<[u8]>, secret: &[u8]) -> String {
         let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(payload));
         format!("{input}.{}", URL_SAFE_NO_PAD.encode(sign(secret, input.as_bytes())))
     }
@@ -130,6 +133,16 @@ mod tests {
         check(&unsigned, Err(AuthError::BadSignature));
         check(&forge(r#"{"alg":"HS512"}"#, r#"{"sub":"alice","exp":9999999999}"#, b"s"), Err(AuthError::BadSignature));
         check(&forge(r#"{"alg":"HS256"}"#, r#"{"sub":"alice"}"#, b"s"), Err(AuthError::Malformed));
+        // The `token` fuzz target's input `crash-06ef8179…`: a signed header whose ignored
+        // `typ` held a byte that is not UTF-8 was accepted.
+        check(
+            &forge(b"{\"alg\":\"HS256\",\"typ\":\"JW\xad\"}", r#"{"sub":"alice","exp":9999999999}"#, b"s"),
+            Err(AuthError::Malformed),
+        );
+        check(
+            &forge(r#"{"alg":"HS256"}"#, b"{\"sub\":\"alice\",\"exp\":9999999999,\"x\":\"\xff\"}", b"s"),
+            Err(AuthError::Malformed),
+        );
         let svc = mint(b"s", &Claims { sub: "backend".into(), exp: NOW + 1, svc: true });
         assert!(verify(b"s", &svc, NOW).unwrap().svc);
     }

@@ -17,6 +17,36 @@ mod render;
 mod routes;
 mod server;
 
+/// Entry points for the fuzz targets (`node/fuzz`), not for use elsewhere: the request
+/// handling of a connection, minus the socket.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::{Request, Response};
+    use tokio::sync::Semaphore;
+
+    use crate::{Backend, WebConfig};
+
+    /// Answers `request` exactly as a connection's service does (CORS, routing, limits,
+    /// auth, parameters, the backend call, rendering, metrics).
+    pub async fn handle<B: Backend>(
+        backend: &B,
+        config: &WebConfig,
+        calls: &Semaphore,
+        peer: SocketAddr,
+        request: Request<Full<Bytes>>,
+    ) -> Response<Full<Bytes>> {
+        // No socket to watch for the client going; the answer budget as a node sizes it.
+        let kib = config.response_bytes_max.div_ceil(1024).min(Semaphore::MAX_PERMITS);
+        let budget = std::sync::Arc::new(Semaphore::new(kib));
+        let response = crate::server::handle(backend, config, calls, &budget, None, peer, request).await;
+        response.map(|body| Full::new(body.rest))
+    }
+}
+
 use std::future::Future;
 
 pub use error::ApiError;

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Frame, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -166,7 +166,7 @@ pub async fn run<B: Backend>(
                 let (backend, config, calls) = (backend.clone(), config_for_service.clone(), calls.clone());
                 let (budget, socket) = (budget.clone(), socket.clone());
                 async move {
-                    let answered = handle(&*backend, &config, &calls, &budget, &socket, peer, request).await;
+                    let answered = handle(&*backend, &config, &calls, &budget, Some(&socket), peer, request).await;
                     Ok::<_, Infallible>(answered)
                 }
             });
@@ -182,14 +182,24 @@ pub async fn run<B: Backend>(
     }
 }
 
-async fn handle<B: Backend>(
+/// What a request body must be: hyper's `Incoming` on a connection, a whole `Full` body in
+/// the fuzz targets (`crate::fuzzing`).
+pub(crate) trait RequestBody:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+{
+}
+
+impl<T: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>> RequestBody for T {}
+
+/// Answers one request: CORS, routing, limits and the call. Never panics, whatever the input.
+pub(crate) async fn handle<B: Backend>(
     backend: &B,
     config: &WebConfig,
     calls: &Semaphore,
     budget: &Arc<Semaphore>,
-    socket: &Shared,
+    socket: Option<&Shared>,
     peer: SocketAddr,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Response<Body> {
     let reads = matches!(*request.method(), Method::GET | Method::HEAD);
     let origin = request
@@ -203,13 +213,12 @@ async fn handle<B: Backend>(
     let responding = respond(backend, config, calls, peer, request, &mut route);
     // A read (a long-poll above all) whose client has gone is dropped at once, which takes it
     // out of the core's waiters; writes run to their end either way.
-    let responded = if reads {
-        tokio::select! {
+    let responded = match socket {
+        Some(socket) if reads => tokio::select! {
             responded = responding => Some(responded),
             () = client_gone(&socket.0) => None,
-        }
-    } else {
-        Some(responding.await)
+        },
+        _ => Some(responding.await),
     };
     let Some(responded) = responded else {
         config.metrics.answered(route, CLIENT_GONE, started.elapsed().as_secs_f64());
@@ -266,7 +275,7 @@ async fn client_gone(socket: &TcpStream) {
 /// requests on it (which watch it with [`client_gone`]). Both run on the connection's one
 /// task, so the readiness either registers wakes the same task.
 #[derive(Clone)]
-struct Shared(Arc<TcpStream>);
+pub(crate) struct Shared(Arc<TcpStream>);
 
 impl AsyncRead for Shared {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -340,8 +349,8 @@ const CHUNK_BYTES: usize = 16 * 1024;
 
 /// An answer, sent in chunks, holding its share of the answer budget until the last chunk
 /// is taken (or the connection is dropped).
-struct Body {
-    rest: Bytes,
+pub(crate) struct Body {
+    pub(crate) rest: Bytes,
     _budget: Option<OwnedSemaphorePermit>,
 }
 
@@ -438,7 +447,7 @@ async fn respond<B: Backend>(
     config: &WebConfig,
     calls: &Semaphore,
     peer: SocketAddr,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
     name: &mut &'static str,
 ) -> Result<Response<Bytes>, ApiError> {
     let (route, methods) = routes::resolve(request.uri().path()).ok_or_else(ApiError::not_found)?;
@@ -467,7 +476,7 @@ async fn respond<B: Backend>(
 /// Largest oversized body we read to the end before answering 413.
 const DRAIN_BYTES_MAX: u64 = 1024 * 1024;
 
-async fn read_body(config: &WebConfig, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+async fn read_body(config: &WebConfig, request: Request<impl RequestBody>) -> Result<Bytes, ApiError> {
     let declared =
         request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > config.body_bytes_max as u64) {

@@ -17,6 +17,7 @@ use store::{Event, EventId, ReadRange, Store, StoreError, StreamName, Version, W
 
 #[cfg(feature = "fdb")]
 mod fdb_only;
+mod props;
 #[cfg(feature = "rocksdb")]
 mod rocks_damage;
 
@@ -135,6 +136,13 @@ fn read_both_directions(backend: &mut dyn Backend) {
     check(ReadRange::Before { before: Some(Version(4)), limit: 5 }, vec![1, 2, 3]);
     check(ReadRange::Before { before: Some(Version(1)), limit: 5 }, vec![]);
     check(ReadRange::Before { before: Some(Version(99)), limit: 2 }, vec![9, 10]);
+    // The extremes are valid ranges (the property test found `mem` overflowing on the limit
+    // and `rocksdb` on the version after the last).
+    check(ReadRange::After { after: Version(u64::MAX), limit: 5 }, vec![]);
+    check(ReadRange::After { after: Version(u64::MAX - 1), limit: usize::MAX }, vec![]);
+    check(ReadRange::After { after: Version(7), limit: usize::MAX }, vec![8, 9, 10]);
+    check(ReadRange::Before { before: Some(Version(u64::MAX)), limit: usize::MAX }, (1..=10).collect());
+    check(ReadRange::Before { before: None, limit: usize::MAX }, (1..=10).collect());
     assert_eq!(store.head(&stream("s:a")).unwrap(), Version(10));
     assert_eq!(store.head(&stream("s:b")).unwrap(), Version(1));
     assert_eq!(store.head(&stream("s:c")).unwrap(), Version(0));
@@ -305,6 +313,14 @@ macro_rules! conformance {
                     $make,
                     concat!(stringify!($backend), "::batches_are_applied_in_order"),
                     super::batches_are_applied_in_order,
+                )
+            }
+            #[test]
+            fn random_operations_match_a_model() {
+                super::run(
+                    $make,
+                    concat!(stringify!($backend), "::random_operations_match_a_model"),
+                    super::props::random_operations_match_a_model,
                 )
             }
             #[test]
