@@ -222,6 +222,7 @@ impl web::Backend for FixedBackend {
                 learner_here: 0,
                 lagging: 0,
                 lag_max: 0,
+                under_replicated: 0,
             },
         }
     }
