@@ -51,6 +51,7 @@ pub struct FileConfig {
     pub bootstrap_expect: Option<usize>,
     pub weight: Option<f64>,
     pub backup_dir: Option<PathBuf>,
+    pub damage_rebuild_interval_s: Option<u64>,
 }
 
 impl FileConfig {
@@ -126,6 +127,9 @@ pub struct Config {
     pub weight_milli: u16,
     /// Where `griddle backup` checkpoints go (each as a named directory).
     pub backup_dir: PathBuf,
+    /// A copy found damaged again within this long of the last rebuild is not set aside
+    /// automatically (`node::damage`): the node stops and waits for an operator.
+    pub damage_rebuild_interval_s: u64,
 }
 
 /// Values given on the command line or in the environment (clap reads both).
@@ -298,6 +302,7 @@ impl Config {
             flags.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("griddle-data").join(&node_id));
         Ok(Config {
             weight_milli: (weight * 1000.0).round() as u16,
+            damage_rebuild_interval_s: file.damage_rebuild_interval_s.unwrap_or(3600),
             backup_dir: file.backup_dir.unwrap_or_else(|| {
                 let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
                 name.push("-backups");

@@ -107,6 +107,11 @@ fn write_marker(data_dir: &Path, what: &str) -> std::io::Result<()> {
 
 /// Before a store is opened: a directory marked damaged is set aside (with replicas; the
 /// next open starts a fresh one) or refused (without). Returns where it went.
+///
+/// Also refused: damage again within `damage_rebuild_interval_s` of the last rebuild. One bad
+/// block is a disk's; damage over and over says the disk, the memory or our own code is at
+/// fault, and rebuilding in a loop (or on every node in turn, after an upgrade that misreads
+/// its data) would only throw copies away. The copy set aside last time is kept then.
 pub fn set_aside_if_marked(config: &Config, now_ms: u64) -> anyhow::Result<Option<PathBuf>> {
     let dir = &config.data_dir;
     let marker = dir.join(MARKER);
@@ -123,11 +128,28 @@ pub fn set_aside_if_marked(config: &Config, now_ms: u64) -> anyhow::Result<Optio
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     // One set-aside copy is kept for a post-mortem; older ones would only fill the disk.
     let prefix = format!("{name}.damaged-");
+    let mut earlier = Vec::new();
     for entry in std::fs::read_dir(parent).with_context(|| format!("list {}", parent.display()))? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            std::fs::remove_dir_all(entry.path()).with_context(|| format!("remove {}", entry.path().display()))?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(ms) = file_name.strip_prefix(&prefix) {
+            earlier.push((ms.parse::<u64>().unwrap_or(u64::MAX), entry.path()));
         }
+    }
+    let interval_ms = config.damage_rebuild_interval_s.saturating_mul(1000);
+    if let Some((_, recent)) = earlier.iter().find(|(ms, _)| now_ms.saturating_sub(*ms) < interval_ms) {
+        anyhow::bail!(
+            "the data directory {} is damaged ({}) again, within {} s of the last rebuild ({} kept): \
+             more than a bad block may be wrong (the disk, memory, or a bug); check, then move the \
+             directory aside by hand to rebuild it from the replicas",
+            dir.display(),
+            what.trim(),
+            config.damage_rebuild_interval_s,
+            recent.display()
+        );
+    }
+    for (_, path) in earlier {
+        std::fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
     }
     let aside = parent.join(format!("{prefix}{now_ms}"));
     std::fs::rename(dir, &aside).with_context(|| format!("move {} to {}", dir.display(), aside.display()))?;
@@ -194,5 +216,70 @@ impl Store for Watched {
     }
     fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
         self.seen(self.inner.checkpoint(dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Overrides;
+
+    fn config(data_dir: &Path, replicas: usize, interval_s: Option<u64>) -> Config {
+        let flags =
+            Overrides { data_dir: Some(data_dir.into()), replicas: Some(replicas), dev: true, ..Default::default() };
+        let mut config = Config::resolve(&flags).unwrap();
+        if let Some(interval_s) = interval_s {
+            config.damage_rebuild_interval_s = interval_s;
+        }
+        config
+    }
+
+    fn damaged(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("000004.log"), b"records").unwrap();
+        write_marker(dir, "a block checksum").unwrap();
+    }
+
+    fn set_aside(parent: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("n1.damaged-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_damaged_copy_is_set_aside_once_and_not_again_soon_after() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("n1");
+        let hour = 3_600_000;
+        assert_eq!(set_aside_if_marked(&config(&dir, 3, None), 10 * hour).unwrap(), None, "not marked");
+        damaged(&dir);
+        let aside = set_aside_if_marked(&config(&dir, 3, None), 10 * hour).unwrap().unwrap();
+        assert!(!dir.exists() && aside.join("000004.log").exists() && aside.join(MARKER).exists());
+        // Damaged again 10 minutes later: refused, and the first copy is kept.
+        damaged(&dir);
+        let again = set_aside_if_marked(&config(&dir, 3, None), 10 * hour + hour / 6);
+        assert!(again.unwrap_err().to_string().contains("again"));
+        assert!(dir.join(MARKER).exists());
+        assert_eq!(set_aside(parent.path()), [format!("n1.damaged-{}", 10 * hour)]);
+        // Two hours later (or with the interval set to 0) it is rebuilt again; one copy kept.
+        set_aside_if_marked(&config(&dir, 3, None), 12 * hour).unwrap().unwrap();
+        assert_eq!(set_aside(parent.path()), [format!("n1.damaged-{}", 12 * hour)]);
+        damaged(&dir);
+        set_aside_if_marked(&config(&dir, 3, Some(0)), 12 * hour + 1).unwrap().unwrap();
+        assert_eq!(set_aside(parent.path()), [format!("n1.damaged-{}", 12 * hour + 1)]);
+    }
+
+    #[test]
+    fn without_replicas_a_marked_copy_is_refused_and_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("n1");
+        damaged(&dir);
+        let refused = set_aside_if_marked(&config(&dir, 1, None), 1).unwrap_err();
+        assert!(refused.to_string().contains("restore a backup"), "{refused}");
+        assert!(dir.join("000004.log").exists() && set_aside(parent.path()).is_empty());
     }
 }

@@ -218,6 +218,9 @@ struct NodeProc {
     proxy: u16,
     data: PathBuf,
     log: PathBuf,
+    /// The nodes' config: a disk damaged again soon after its rebuild is rebuilt again (the
+    /// default stops the node, waiting for an operator).
+    config: PathBuf,
     child: Option<Child>,
     /// Down (killed or stopping) until this, then restarted; frozen until this, then SIGCONT.
     down_until: Option<Instant>,
@@ -241,6 +244,8 @@ impl NodeProc {
             .args(["--mesh", &format!("127.0.0.1:{}", self.mesh)])
             .args(["--mesh-advertise", &format!("127.0.0.1:{}", self.proxy)])
             .args(["--join", join])
+            .arg("--config")
+            .arg(&self.config)
             .arg("--data-dir")
             .arg(&self.data)
             .env("GRIDDLE_LOG", std::env::var("CHAOS_NODE_LOG").unwrap_or_else(|_| "warn".into()))
@@ -548,6 +553,7 @@ fn main() -> anyhow::Result<()> {
     let mut rng = SmallRng::seed_from_u64(args.seed);
     eprintln!("chaos: seed {}, {} nodes, {} s, in {}", args.seed, args.nodes, args.seconds, dir.display());
 
+    std::fs::write(dir.join("chaos.toml"), "damage_rebuild_interval_s = 0\n")?;
     let mut nodes: Vec<NodeProc> = (0..args.nodes)
         .map(|i| NodeProc {
             id: format!("n{i}"),
@@ -556,6 +562,7 @@ fn main() -> anyhow::Result<()> {
             proxy: free_udp_port(),
             data: dir.join(format!("n{i}")),
             log: dir.join(format!("n{i}.log")),
+            config: dir.join("chaos.toml"),
             child: None,
             down_until: None,
             frozen_until: None,
