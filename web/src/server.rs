@@ -570,6 +570,27 @@ mod tests {
         check("file://", false);
     }
 
+    /// The `Backend` methods these tests never reach (or need only a fixed answer from).
+    macro_rules! not_asked {
+        () => {
+            fn now_ms(&self) -> u64 {
+                1_000_000
+            }
+            fn ready(&self) -> bool {
+                true
+            }
+            fn cluster(&self) -> crate::ClusterView {
+                unreachable!("not asked")
+            }
+            fn metrics(&self) -> String {
+                String::new()
+            }
+            async fn admin(&self, _call: crate::AdminCall) -> Result<serde_json::Value, ApiError> {
+                unreachable!("not asked")
+            }
+        };
+    }
+
     /// Answers `/v1/online` only when released, so calls pile up in flight.
     struct Held {
         release: tokio::sync::Semaphore,
@@ -582,21 +603,7 @@ mod tests {
             let _released = self.release.acquire().await.expect("never closed");
             node_core::api::Reply::Online { users: Vec::new(), total: 0 }
         }
-        fn now_ms(&self) -> u64 {
-            1_000_000
-        }
-        fn ready(&self) -> bool {
-            true
-        }
-        fn cluster(&self) -> crate::ClusterView {
-            unreachable!("not asked")
-        }
-        fn metrics(&self) -> String {
-            String::new()
-        }
-        async fn admin(&self, _call: crate::AdminCall) -> Result<serde_json::Value, ApiError> {
-            unreachable!("not asked")
-        }
+        not_asked!();
     }
 
     async fn get(addr: SocketAddr, token: String) -> String {
@@ -642,21 +649,7 @@ mod tests {
             let users = (0..self.0).map(|i| format!("user-{i:08}")).collect();
             node_core::api::Reply::Online { users, total: self.0 }
         }
-        fn now_ms(&self) -> u64 {
-            1_000_000
-        }
-        fn ready(&self) -> bool {
-            true
-        }
-        fn cluster(&self) -> crate::ClusterView {
-            unreachable!("not asked")
-        }
-        fn metrics(&self) -> String {
-            String::new()
-        }
-        async fn admin(&self, _call: crate::AdminCall) -> Result<serde_json::Value, ApiError> {
-            unreachable!("not asked")
-        }
+        not_asked!();
     }
 
     async fn serve_many(users: usize, config: WebConfig) -> (SocketAddr, String) {
